@@ -1,0 +1,1 @@
+"""Concord's stream processors: decode, guard, status table, flow rules, exceptions and audit."""

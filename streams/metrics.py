@@ -1,0 +1,60 @@
+"""Every Prometheus metric Concord exports, defined once (the README's metrics table lists them)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+EVENTS = Counter(
+    "concord_events_total", "Input records by topic and outcome (applied, duplicate, stale, parked, "
+    "released, dead_lettered, exception).", ["topic", "outcome"], registry=REGISTRY)
+ORDERING_CONFLICTS = Counter(
+    "concord_ordering_conflicts_total", "Ordering conflicts the guard caught, by kind (duplicate, stale, gap).",
+    ["kind"], registry=REGISTRY)
+PARKED = Gauge(
+    "concord_parked_events", "Events parked behind a sequence gap or an open exception.", registry=REGISTRY)
+DEADLETTERS = Counter(
+    "concord_deadletters_total", "Records sent to a dead-letter topic, by source topic and stage.",
+    ["topic", "stage"], registry=REGISTRY)
+COMMANDS = Counter(
+    "concord_commands_total", "Commands issued, by target system and type.", ["target", "type"], registry=REGISTRY)
+EXCEPTIONS_OPENED = Counter(
+    "concord_exceptions_opened_total", "Exceptions opened, by owner and reason.", ["owner", "reason"],
+    registry=REGISTRY)
+EXCEPTIONS_OPEN = Gauge(
+    "concord_exceptions_open", "Exceptions open now, by owner and reason.", ["owner", "reason"], registry=REGISTRY)
+EXCEPTIONS_RESOLVED = Counter(
+    "concord_exceptions_resolved_total", "Exceptions closed by a successful replay, by owner and reason.",
+    ["owner", "reason"], registry=REGISTRY)
+EXCEPTIONS_ESCALATED = Counter(
+    "concord_exceptions_escalated_total", "Exceptions escalated to the backup owner, by owner and reason.",
+    ["owner", "reason"], registry=REGISTRY)
+RESOLUTION_SECONDS = Histogram(
+    "concord_exception_resolution_seconds", "Time from opening an exception to its successful replay (MTTR).",
+    ["owner", "reason"], registry=REGISTRY,
+    buckets=(1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 24 * 3600, 3 * 24 * 3600, 7 * 24 * 3600))
+SLA_BREACHES = Counter(
+    "concord_sla_breaches_total", "Exceptions whose SLA ran out unresolved, by owner and reason.",
+    ["owner", "reason"], registry=REGISTRY)
+RESOLUTIONS = Counter(
+    "concord_resolutions_total", "Resolutions made by people (the manual hand-offs that remain), by owner.",
+    ["owner"], registry=REGISTRY)
+REPLAYS = Counter(
+    "concord_replays_total", "Replays of resolved exceptions, by outcome (succeeded, failed).", ["outcome"],
+    registry=REGISTRY)
+INVOICES = Counter(
+    "concord_invoices_total", "Invoices issued for completed work, by whether they went out within policy.",
+    ["on_time"], registry=REGISTRY)
+E2E_LATENCY = Histogram(
+    "concord_end_to_end_latency_seconds", "Source occurred_at to command issued.", registry=REGISTRY,
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.15, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
+CONSUMER_LAG = Gauge(
+    "concord_consumer_lag", "Records not yet consumed, by topic and partition.", ["topic", "partition"],
+    registry=REGISTRY)
+CANARY_RUNS = Counter(
+    "concord_canary_runs_total", "Synthetic flows run end to end, by outcome (succeeded, failed).", ["outcome"],
+    registry=REGISTRY)
+INGESTED = Counter(
+    "concord_ingested_total", "Native records taken in by a connector, by source and outcome (published, "
+    "duplicate, rejected).", ["source", "outcome"], registry=REGISTRY)
