@@ -1,0 +1,52 @@
+# Concord — `make help` lists the targets.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+APT_STAMP := $(VENV)/.apt-stamp
+# Debian packages the test suite runs for real: promtool/prometheus (ops rules and the live check),
+# chromium + chromedriver (the owner inbox page).
+APT_PACKAGES := prometheus chromium chromium-driver
+
+.DEFAULT_GOAL := help
+.PHONY: help install demo test lint bench clean system-packages
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	@echo ">> creating $(VENV) and installing Concord with its test extras"
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check --upgrade pip
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test,dev]'
+	@touch $@
+
+install: $(STAMP) ## create .venv and install Concord into it
+
+system-packages: $(APT_STAMP) ## install the Debian packages tests use (needs root or sudo)
+
+$(APT_STAMP): | $(STAMP)
+	@missing=""; for c in promtool prometheus chromium chromedriver; do command -v $$c >/dev/null || missing=1; done; \
+	if [ -n "$$missing" ]; then \
+	  echo ">> installing Debian packages: $(APT_PACKAGES)"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $(APT_PACKAGES) >/dev/null; \
+	fi
+	@touch $@
+
+demo: $(STAMP) ## run the main job on an embedded broker with the business simulator, then report
+	$(VENV)/bin/concord demo $(DEMO_ARGS)
+
+test: $(STAMP) $(APT_STAMP) ## install what the tests need and run the whole suite
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP) ## ruff and mypy
+	$(VENV)/bin/ruff check streams connectors schemas tests
+	$(VENV)/bin/mypy streams connectors schemas
+
+bench: $(STAMP) ## throughput and latency on the embedded broker; prints a `bench:` line
+	$(VENV)/bin/concord bench $(BENCH_ARGS)
+
+clean: ## remove the virtual environment and local state
+	rm -rf $(VENV) .concord .pytest_cache .hypothesis
