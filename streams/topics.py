@@ -71,9 +71,15 @@ COMMANDS = tuple(
 EXCEPTIONS = tuple(
     TopicSpec(exceptions_topic(o), "exception", "exception_id", f"exception queue of {o}") for o in OWNERS
 )
+INGEST_SOURCES: tuple[str, ...] = ("salesforce", "hubspot", "stripe", "debezium", "jobber", "csv", "canonical")
+INGEST_DEADLETTERS = tuple(
+    TopicSpec(deadletter_topic(f"ingest.{s}"), "dead_letter", "source record id or empty",
+              f"{s} input a connector rejected, with the original bytes")
+    for s in INGEST_SOURCES
+)
 AUDIT = TopicSpec("audit.decisions", "decision", "trace_id", "every decision Concord made, with its reason")
 
-ALL: tuple[TopicSpec, ...] = (*CHANGES, *DEADLETTERS, ACCEPTED, *COMMANDS, *EXCEPTIONS, AUDIT)
+ALL: tuple[TopicSpec, ...] = (*CHANGES, *DEADLETTERS, *INGEST_DEADLETTERS, ACCEPTED, *COMMANDS, *EXCEPTIONS, AUDIT)
 BY_NAME: dict[str, TopicSpec] = {t.name: t for t in ALL}
 
 
