@@ -77,9 +77,13 @@ INGEST_DEADLETTERS = tuple(
               f"{s} input a connector rejected, with the original bytes")
     for s in INGEST_SOURCES
 )
+GUARD_CONTROLS = TopicSpec(
+    "guard.controls", "control", "entity_id (or empty for a tick)",
+    "timer ticks and owner instructions to the ordering guard, co-partitioned with the changes topics",
+)
 AUDIT = TopicSpec("audit.decisions", "decision", "trace_id", "every decision Concord made, with its reason")
 
-ALL: tuple[TopicSpec, ...] = (*CHANGES, *DEADLETTERS, *INGEST_DEADLETTERS, ACCEPTED, *COMMANDS, *EXCEPTIONS, AUDIT)
+ALL: tuple[TopicSpec, ...] = (*CHANGES, *DEADLETTERS, *INGEST_DEADLETTERS, ACCEPTED, GUARD_CONTROLS, *COMMANDS, *EXCEPTIONS, AUDIT)
 BY_NAME: dict[str, TopicSpec] = {t.name: t for t in ALL}
 
 

@@ -1,0 +1,285 @@
+"""The faust worker: agents that move records between topics and tables and call streams.pipeline."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import sys
+import weakref
+from collections.abc import Iterable
+from typing import Any
+
+import faust
+from faust.streams import _current_event
+from faust.transport.drivers import aiokafka as faust_aiokafka
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from streams import metrics, topics
+from streams.config import Settings
+from streams.pipeline import Out, Pipeline, Record
+from streams.serde import Codec
+
+log = logging.getLogger("concord.worker")
+
+_FETCH_MAX_WAIT_MS = {"value": 50}
+_create_worker_consumer = faust_aiokafka.AIOKafkaConsumerThread._create_worker_consumer
+
+
+def _create_worker_consumer_with_fetch_wait(self: Any, transport: Any) -> Any:
+    consumer = _create_worker_consumer(self, transport)
+    # faust hard-codes fetch_max_wait_ms=1500, which is the floor of every hop's latency on a quiet topic.
+    consumer._fetch_max_wait_ms = _FETCH_MAX_WAIT_MS["value"]
+    return consumer
+
+
+faust_aiokafka.AIOKafkaConsumerThread._create_worker_consumer = _create_worker_consumer_with_fetch_wait
+
+
+def _record(event: Any) -> Record:
+    msg = event.message
+    headers = dict(msg.headers or ())
+    return Record(msg.topic, msg.partition, msg.offset, msg.key, msg.value, headers)
+
+
+class _as_if_from:  # noqa: N801 - used like a function in `with`
+    """Make table writes go to the changelog partition of ``event`` (faust reads the current event)."""
+
+    def __init__(self, event: Any) -> None:
+        self.event = event
+
+    def __enter__(self) -> None:
+        self.token = _current_event.set(weakref.ref(self.event))
+
+    def __exit__(self, *exc: object) -> None:
+        _current_event.reset(self.token)
+
+
+def build_app(settings: Settings, pipeline: Pipeline | None = None) -> faust.App:
+    """The faust app with Concord's topics, tables, agents, timer and web pages."""
+    _FETCH_MAX_WAIT_MS["value"] = settings.fetch_max_wait_ms
+    if pipeline is None:
+        pipeline = default_pipeline(settings)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    app = faust.App(
+        settings.app_id,
+        broker=[f"kafka://{s}" for s in (settings.bootstrap_servers or "").split(",") if s],
+        store=settings.store,
+        datadir=str(settings.data_dir / settings.app_id),
+        topic_partitions=topics.PARTITIONS,
+        topic_disable_leader=True,
+        broker_session_timeout=settings.session_timeout_s,
+        broker_heartbeat_interval=max(0.5, settings.session_timeout_s / 6),
+        broker_rebalance_timeout=max(settings.session_timeout_s * 2, 10),
+        producer_linger_ms=settings.producer_linger_ms,
+        broker_commit_every=settings.batch_size,
+        web_host=settings.web_host,
+        web_port=settings.web_port,
+        web_enabled=True,
+        web_in_thread=False,
+        canonical_url=f"http://{settings.web_host}:{settings.web_port}",
+        value_serializer="raw",
+        key_serializer="raw",
+        consumer_auto_offset_reset="earliest",
+    )
+    app.pipeline = pipeline  # type: ignore[attr-defined]
+    raw = {"key_serializer": "raw", "value_serializer": "raw"}
+    changes = app.topic(*(t.name for t in topics.CHANGES), topics.GUARD_CONTROLS.name, **raw)
+    accepted = app.topic(topics.ACCEPTED.name, **raw)
+    controls = app.topic(topics.GUARD_CONTROLS.name, **raw)
+    # Raw keys, so faust's key -> partition routing matches the bytes the topics are keyed by.
+    table_schema = faust.Schema(key_serializer="raw", value_serializer="json")
+    entity_to_cursor = app.Table("entity_to_cursor", default=None, partitions=topics.PARTITIONS,
+                                 schema=table_schema)
+    customer_to_status = app.Table("customer_to_status", default=None, partitions=topics.PARTITIONS,
+                                   schema=table_schema)
+    app.customer_to_status = customer_to_status  # type: ignore[attr-defined]
+
+    async def send_all(outs: Iterable[Out]) -> None:
+        futures = [await app.producer.send(o.topic, o.key, o.value, None, None, list(o.headers)) for o in outs]
+        if futures:
+            await asyncio.gather(*futures)  # every output acknowledged before the batch's offsets are acked
+
+    async def run_batches(stream: Any, step: Any, table: Any) -> None:
+        async for events in stream.take_events(settings.batch_size, within=settings.batch_within_s):
+            view = _BatchView(table)
+            outs: list[Out] = []
+            for event in events:
+                view.current_event = event
+                outs += step(event, view)
+            for k, (value, event) in view.touched.items():
+                with _as_if_from(event):
+                    table[k] = value  # one changelog write per key per batch
+            await send_all(outs)
+
+    def guard_step(event: Any, view: _BatchView) -> list[Out]:
+        rec = _record(event)
+        if rec.topic == topics.GUARD_CONTROLS.name:
+            _, control = pipeline.codec.decode(rec.value)
+            if control["action"] == "tick":
+                return pipeline.tick(rec.partition, view)
+            if control["action"] == "release_gap" and control["guard_key"]:
+                return pipeline.release(control["guard_key"].encode(), view)
+            return []
+        return pipeline.guard(rec, view)
+
+    @app.agent(changes, name="order_changes")
+    async def order_changes(stream: Any) -> None:
+        """Decode, validate and order every change; forward applied events keyed by customer."""
+        await run_batches(stream, guard_step, entity_to_cursor)
+
+    @app.agent(accepted, name="decide_changes")
+    async def decide_changes(stream: Any) -> None:
+        """Apply accepted events to the customer status table and issue commands and exceptions."""
+        await run_batches(stream, lambda event, view: pipeline.decide(_record(event), view), customer_to_status)
+
+    @app.timer(interval=1.0)
+    async def tick_guards() -> None:
+        """Ask each guard partition to look for gaps that waited too long."""
+        now = pipeline.clock()
+        value = pipeline.codec.encode("control", {"action": "tick", "guard_key": None, "actor": None, "at": now})
+        assigned = {tp.partition for tp in app.consumer.assignment() if tp.topic == topics.GUARD_CONTROLS.name}
+        for p in sorted(assigned):
+            await controls.send(key=b"", value=value, partition=p)
+
+    @app.page("/metrics")
+    async def metrics_page(web: Any, request: Any) -> Any:
+        return web.bytes(generate_latest(metrics.REGISTRY), content_type=CONTENT_TYPE_LATEST.split(";")[0])
+
+    @app.page("/healthz")
+    async def healthz(web: Any, request: Any) -> Any:
+        return web.json({"ok": True, "app_id": settings.app_id})
+
+    @app.page("/customers/{customer_id}")
+    @app.table_route(table=customer_to_status, match_info="customer_id")
+    async def customer_status(web: Any, request: Any, customer_id: str) -> Any:
+        status = customer_to_status.get(customer_id.encode())
+        if status is None:
+            return web.json({"error": f"no customer {customer_id!r}"}, status=404)
+        return web.json(status)
+
+    return app
+
+
+class _BatchView:
+    """The table as one batch sees it: reads fall through to the table, writes wait for the batch's end."""
+
+    def __init__(self, table: Any) -> None:
+        self.table = table
+        self.touched: dict[bytes, tuple[Any, Any]] = {}  # key -> (value, the event that last wrote it)
+        self.current_event: Any = None
+
+    def get(self, key: bytes, default: Any = None) -> Any:
+        if key in self.touched:
+            return self.touched[key][0]
+        value = self.table.get(key)
+        return default if value is None else value
+
+    def __getitem__(self, key: bytes) -> Any:
+        return self.get(key)
+
+    def __setitem__(self, key: bytes, value: Any) -> None:
+        self.touched[key] = (value, self.current_event)
+
+
+def default_pipeline(settings: Settings, gap_wait_ms: int | None = None) -> Pipeline:
+    """The pipeline with the repository's flow configuration and routing."""
+    import os
+
+    from streams import rules
+    from streams.flow_config import load_flow_config
+    from streams.routing import load_routing
+
+    cfg = load_flow_config()
+    wait = gap_wait_ms if gap_wait_ms is not None else int(float(os.environ.get("CONCORD_GAP_WAIT_S", "300")) * 1000)
+    return Pipeline(Codec(settings.schema_registry_url), lambda status, event, now: rules.decide(status, event, cfg, now),
+                    load_routing().route, gap_wait_ms=wait)
+
+
+async def run_worker(settings: Settings, ready: asyncio.Event | None = None) -> None:
+    """Run one worker until cancelled (used by `concord run` and the demo)."""
+    app = build_app(settings)
+    worker = faust.Worker(app, loglevel=settings.log_level.upper(), quiet=True, redirect_stdouts=False,
+                          override_logging=False, loop=asyncio.get_running_loop())
+    await worker.start()
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await worker.stop()
+
+
+def _run(args: argparse.Namespace) -> int:
+    from streams.broker import ensure_topics, open_broker
+
+    settings = Settings.from_env(web_port=args.web_port, app_id=args.app_id, log_level=args.log_level)
+    with open_broker() as broker:
+        settings = settings.model_copy(update={"bootstrap_servers": broker.bootstrap_servers})
+        created = ensure_topics(broker.bootstrap_servers)
+        print(f"concord: {broker.kind} broker at {broker.bootstrap_servers}; created {len(created)} topics",
+              file=sys.stderr)
+        print(f"concord: metrics on http://{settings.web_host}:{settings.web_port}/metrics", file=sys.stderr)
+        app = build_app(settings)
+        # quiet: faust's terminal spinner turns on DEBUG records for every library log call
+        worker = faust.Worker(app, loglevel=settings.log_level.upper(), quiet=True)
+        with contextlib.suppress(SystemExit):
+            worker.execute_from_commandline()
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    import urllib.error
+    import urllib.request
+
+    url = f"{args.url.rstrip('/')}/customers/{args.customer_id}"
+    try:
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            status = json.load(resp)
+    except urllib.error.HTTPError as exc:
+        body = exc.read().decode(errors="replace")
+        print(f"concord status: {exc.code} from {url}: {body}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"concord status: cannot reach a worker at {args.url}: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(status, indent=2, sort_keys=True))
+    else:
+        print(render_status(status))
+    return 0
+
+
+def render_status(status: dict[str, Any]) -> str:
+    """A customer's status as readable lines."""
+    lines = [f"customer {status.get('customer_id', '?')}"]
+    for name, value in sorted(status.items()):
+        if name == "customer_id":
+            continue
+        if isinstance(value, dict) and value and all(isinstance(v, dict) for v in value.values()):
+            lines.append(f"  {name}:")
+            for k, v in sorted(value.items()):
+                stage = v.get("stage") or v.get("status") or ""
+                lines.append(f"    {k}: {stage}".rstrip())
+        else:
+            lines.append(f"  {name}: {json.dumps(value, default=str)}")
+    return "\n".join(lines)
+
+
+def register(sub: Any) -> None:
+    """Add `concord run` and `concord status`."""
+    run = sub.add_parser("run", help="run a worker (KAFKA_BOOTSTRAP_SERVERS, else an embedded broker)",
+                         description="Run a Concord worker. Against KAFKA_BOOTSTRAP_SERVERS when set; otherwise "
+                         "start an embedded broker for the worker's lifetime. Serves /metrics, /healthz and "
+                         "/customers/{id} on the web port.")
+    run.add_argument("--web-port", type=int, help="HTTP port for /metrics and the API (default 6066)")
+    run.add_argument("--app-id", help="consumer group / table prefix (default concord)")
+    run.add_argument("--log-level", default=None, help="debug, info, warning (default info)")
+    run.set_defaults(func=_run)
+    st = sub.add_parser("status", help="print one customer's status from a running worker",
+                        description="Ask a running worker for a customer's joined status; any worker answers, "
+                        "routing the request to the one that owns the customer.")
+    st.add_argument("customer_id")
+    st.add_argument("--url", default="http://127.0.0.1:6066", help="a worker's web address")
+    st.add_argument("--json", action="store_true", help="print the raw JSON")
+    st.set_defaults(func=_status)
