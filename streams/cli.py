@@ -13,6 +13,8 @@ from streams.exceptions import ConcordError
 # ``func`` to a callable taking the parsed args and returning an exit status.
 SUBCOMMAND_MODULES: tuple[str, ...] = (
     "streams.worker",
+    "streams.demo",
+    "streams.bench",
 )
 
 

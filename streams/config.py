@@ -23,6 +23,7 @@ _ENV = {
     "batch_size": "CONCORD_BATCH_SIZE",
     "batch_within_s": "CONCORD_BATCH_WITHIN_S",
     "log_level": "CONCORD_LOG_LEVEL",
+    "gap_wait_s": "CONCORD_GAP_WAIT_S",
 }
 
 
@@ -30,7 +31,8 @@ class Settings(BaseModel):
     """Everything a worker needs to know about where it runs."""
 
     bootstrap_servers: str | None = Field(None, description="Kafka bootstrap servers; unset starts an embedded broker.")
-    schema_registry_url: str | None = Field(None, description="Confluent-compatible Schema Registry; unset uses Avro single-object framing.")
+    schema_registry_url: str | None = Field(
+        None, description="Confluent-compatible Schema Registry; unset uses Avro single-object framing.")
     app_id: str = Field("concord", description="faust app id: consumer group and changelog topic prefix.")
     web_host: str = "127.0.0.1"
     web_port: int = Field(6066, ge=0, le=65535)
@@ -42,6 +44,7 @@ class Settings(BaseModel):
     batch_size: int = Field(500, ge=1)
     batch_within_s: float = Field(0.02, gt=0)
     log_level: str = "info"
+    gap_wait_s: float = Field(300.0, ge=0, description="how long a sequence gap waits before its exception")
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides: object) -> Settings:

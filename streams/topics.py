@@ -83,7 +83,9 @@ GUARD_CONTROLS = TopicSpec(
 )
 AUDIT = TopicSpec("audit.decisions", "decision", "trace_id", "every decision Concord made, with its reason")
 
-ALL: tuple[TopicSpec, ...] = (*CHANGES, *DEADLETTERS, *INGEST_DEADLETTERS, ACCEPTED, GUARD_CONTROLS, *COMMANDS, *EXCEPTIONS, AUDIT)
+ALL: tuple[TopicSpec, ...] = (
+    *CHANGES, *DEADLETTERS, *INGEST_DEADLETTERS, ACCEPTED, GUARD_CONTROLS, *COMMANDS, *EXCEPTIONS, AUDIT,
+)
 BY_NAME: dict[str, TopicSpec] = {t.name: t for t in ALL}
 
 

@@ -184,18 +184,16 @@ class _BatchView:
         self.touched[key] = (value, self.current_event)
 
 
-def default_pipeline(settings: Settings, gap_wait_ms: int | None = None) -> Pipeline:
+def default_pipeline(settings: Settings) -> Pipeline:
     """The pipeline with the repository's flow configuration and routing."""
-    import os
-
     from streams import rules
     from streams.flow_config import load_flow_config
     from streams.routing import load_routing
 
     cfg = load_flow_config()
-    wait = gap_wait_ms if gap_wait_ms is not None else int(float(os.environ.get("CONCORD_GAP_WAIT_S", "300")) * 1000)
-    return Pipeline(Codec(settings.schema_registry_url), lambda status, event, now: rules.decide(status, event, cfg, now),
-                    load_routing().route, gap_wait_ms=wait)
+    return Pipeline(Codec(settings.schema_registry_url),
+                    lambda status, event, now: rules.decide(status, event, cfg, now),
+                    load_routing().route, gap_wait_ms=int(settings.gap_wait_s * 1000))
 
 
 async def run_worker(settings: Settings, ready: asyncio.Event | None = None) -> None:

@@ -1,6 +1,16 @@
 """Ordering guard: duplicates, stale events and gaps, as pure functions."""
 
-from streams.guard import APPLY, DUPLICATE, PARK, STALE, Incoming, admit, gap_overdue, missing_seqs, release_parked
+from streams.guard import (
+    APPLY,
+    DUPLICATE,
+    PARK,
+    STALE,
+    Incoming,
+    admit,
+    gap_overdue,
+    missing_seqs,
+    release_parked,
+)
 
 
 def inc(seq, eid=None, digest=None, contiguous=True, snapshot=False):

@@ -13,7 +13,7 @@ from schemas.compat import check, committed_versions
 def test_current_schema_reads_every_committed_version(name):
     current = schemas.document(name)
     versions = committed_versions(name)
-    for commit, raw in versions:
+    for _commit, raw in versions:
         check(schemas.expand_all(raw)[name], current)  # raises on an incompatible change
 
 

@@ -1,0 +1,149 @@
+"""`concord demo`: broker, worker and a simulated month of business, then a reconciliation report."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from streams.broker import ensure_topics, free_port, open_broker
+from streams.exceptions import ConcordError
+
+
+def say(msg: str) -> None:
+    """Progress goes to stderr, so stdout carries only the report."""
+    print(f"demo: {msg}", file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def worker_process(bootstrap: str, web_port: int, app_id: str, log_path: Path,
+                   extra_env: dict[str, str] | None = None) -> Iterator[subprocess.Popen]:
+    """Run `concord run` against ``bootstrap`` in a child process; stop it (and only it) on exit."""
+    env = dict(os.environ, KAFKA_BOOTSTRAP_SERVERS=bootstrap, **(extra_env or {}))
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "streams.cli", "run", "--web-port", str(web_port), "--app-id", app_id,
+             "--log-level", "warning"],
+            env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        try:
+            wait_for_http(f"http://127.0.0.1:{web_port}/healthz", proc, timeout=60)
+            yield proc
+        finally:
+            stop_process(proc)
+
+
+def stop_process(proc: subprocess.Popen, timeout: float = 15) -> None:
+    """SIGTERM, then SIGKILL if it will not stop."""
+    if proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(5)
+
+
+def wait_for_http(url: str, proc: subprocess.Popen | None = None, timeout: float = 60) -> bytes:
+    """Poll ``url`` until it answers 200; fail early if ``proc`` dies."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise ConcordError(f"worker exited with status {proc.returncode} before serving {url}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                return resp.read()
+        except OSError:
+            time.sleep(0.2)
+    raise ConcordError(f"{url} did not answer within {timeout:.0f}s")
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    """Run the whole demo; returns 0 when every published record is accounted for."""
+    from streams.report import collect, render
+    from streams.simulator import Simulator
+
+    started = time.monotonic()
+    state_dir = Path(args.state_dir)
+    with open_broker() as broker:
+        say(f"{broker.kind} broker at {broker.bootstrap_servers}")
+        ensure_topics(broker.bootstrap_servers)
+        port = args.web_port or free_port()
+        app_id = f"concord-demo-{int(time.time())}"
+        gap_wait = {"CONCORD_GAP_WAIT_S": str(args.gap_wait)}
+        with worker_process(broker.bootstrap_servers, port, app_id, state_dir / "worker.log", gap_wait):
+            say(f"worker up (metrics on http://127.0.0.1:{port}/metrics, log {state_dir / 'worker.log'})")
+            sim = Simulator(customers=args.customers, days=args.days, seed=args.seed)
+            records = list(sim.records())
+            say(f"simulating {args.customers} customers over {args.days} days: {len(records)} records")
+            published = sim.publish(broker.bootstrap_servers, records, progress=_progress("published"))
+            sample = _sample_customer(records)
+            report = collect(broker.bootstrap_servers, published, timeout=args.timeout,
+                             progress=_progress("accounted"))
+            if sample:
+                status = _status_of(port, sample)
+                say(f"concord status {sample}: {status}")
+        text = render(report)
+        print(json.dumps(report.to_dict(), indent=2, default=str) if args.json else text)
+        say(f"done in {time.monotonic() - started:.1f}s; stopping worker and broker")
+    return 0 if report.unaccounted == 0 else 1
+
+
+def _progress(verb: str) -> Any:
+    last = {"t": 0.0}
+
+    def report(done: int, total: int) -> None:
+        now = time.monotonic()
+        if done == total or now - last["t"] >= 1.0:
+            last["t"] = now
+            say(f"{verb} {done}/{total}")
+
+    return report
+
+
+def _sample_customer(records: list[Any]) -> str | None:
+    for rec in records:
+        cid = getattr(rec, "customer_id", None)
+        if cid:
+            return str(cid)
+    return None
+
+
+def _status_of(port: int, customer_id: str) -> str:
+    try:
+        body = wait_for_http(f"http://127.0.0.1:{port}/customers/{customer_id}", timeout=10)
+    except ConcordError as exc:
+        return f"unavailable ({exc})"
+    status = json.loads(body)
+    return ", ".join(f"{k}={len(v)}" for k, v in sorted(status.items()) if isinstance(v, dict | list))
+
+
+def register(sub: Any) -> None:
+    """Add `concord demo`."""
+    p = sub.add_parser("demo", help="run a simulated business through Concord on an embedded broker",
+                       description="Start a broker (embedded unless KAFKA_BOOTSTRAP_SERVERS is set) and a worker, "
+                       "publish a simulated month of CRM, dispatch and billing changes with injected faults, "
+                       "then print a reconciliation report counted from what came out of the broker. "
+                       "Exit status 0 when every published record is accounted for.")
+    p.add_argument("--customers", type=int, default=200, help="simulated customers (default 200)")
+    p.add_argument("--days", type=int, default=30, help="simulated days (default 30)")
+    p.add_argument("--seed", type=int, default=7, help="random seed (default 7)")
+    p.add_argument("--gap-wait", type=float, default=3.0,
+                   help="seconds a sequence gap waits before its exception (default 3)")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for every record's outcome")
+    p.add_argument("--web-port", type=int, default=0, help="worker web port (default: a free one)")
+    p.add_argument("--state-dir", default=".concord/demo", help="where the worker log goes")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=run_demo)
