@@ -72,7 +72,7 @@ def wait_for_http(url: str, proc: subprocess.Popen | None = None, timeout: float
 
 def run_demo(args: argparse.Namespace) -> int:
     """Run the whole demo; returns 0 when every published record is accounted for."""
-    from streams.report import collect, render
+    from streams.report import collect, end_offsets, render, watched_topics
     from streams.simulator import Simulator
 
     started = time.monotonic()
@@ -88,10 +88,11 @@ def run_demo(args: argparse.Namespace) -> int:
             sim = Simulator(customers=args.customers, days=args.days, seed=args.seed)
             records = list(sim.records())
             say(f"simulating {args.customers} customers over {args.days} days: {len(records)} records")
+            since = end_offsets(broker.bootstrap_servers, watched_topics())
             published = sim.publish(broker.bootstrap_servers, records, progress=_progress("published"))
             sample = _sample_customer(records)
-            report = collect(broker.bootstrap_servers, published, timeout=args.timeout,
-                             progress=_progress("accounted"))
+            report = collect(broker.bootstrap_servers, published, since, timeout=args.timeout,
+                             settle=args.gap_wait + 3, progress=_progress("accounted"))
             if sample:
                 status = _status_of(port, sample)
                 say(f"concord status {sample}: {status}")
@@ -102,12 +103,12 @@ def run_demo(args: argparse.Namespace) -> int:
 
 
 def _progress(verb: str) -> Any:
-    last = {"t": 0.0}
+    last = {"t": 0.0, "done": -1}
 
     def report(done: int, total: int) -> None:
         now = time.monotonic()
-        if done == total or now - last["t"] >= 1.0:
-            last["t"] = now
+        if done != last["done"] and (done == total or now - last["t"] >= 1.0):
+            last.update(t=now, done=done)
             say(f"{verb} {done}/{total}")
 
     return report

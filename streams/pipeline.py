@@ -166,10 +166,12 @@ class Pipeline:
         for draft in outcome.exceptions:
             outs += self._exception_outs(draft, now, original)
             exception_ids.append(draft["exception_id"])
+        for gone in getattr(outcome, "resolved", ()):
+            outs += self._resolved_outs(gone, now, original)
         on_time = getattr(outcome, "facts", {}).get("invoice_on_time")
         if on_time is not None:
             metrics.INVOICES.labels("true" if on_time else "false").inc()
-        result = "exception" if exception_ids else "applied"
+        result = "stale" if getattr(outcome, "facts", {}).get("stale") else "exception" if exception_ids else "applied"
         metrics.EVENTS.labels(src_topic, result).inc()
         outs.append(self.decision(src_topic, src_part, src_offset, event, result,
                                   "; ".join(d["reason_code"] for d in outcome.exceptions) or "applied",
@@ -182,6 +184,20 @@ class Pipeline:
         record["original"] = {"topic": topic, "partition": part, "offset": offset, "key": key, "value": value}
         metrics.EXCEPTIONS_OPENED.labels(record["owner"], record["reason_code"]).inc()
         metrics.EXCEPTIONS_OPEN.labels(record["owner"], record["reason_code"]).inc()
+        return [Out(topics.exceptions_topic(record["owner"]), record["exception_id"].encode(),
+                    self.codec.encode("exception", record))]
+
+    def _resolved_outs(self, gone: dict[str, Any], now: int, original: tuple) -> list[Out]:
+        """An exception the data no longer warrants: publish it resolved on its owner's queue, count MTTR."""
+        record = self._route(gone, now)
+        record.update(state="resolved", opened_at=gone["opened_at"], updated_at=now,
+                      resolution={"by": "concord", "at": now, "patch": {}, "note": gone["message"]})
+        topic, part, offset, key, value = original
+        record["original"] = {"topic": topic, "partition": part, "offset": offset, "key": key, "value": value}
+        labels = (record["owner"], record["reason_code"])
+        metrics.EXCEPTIONS_RESOLVED.labels(*labels).inc()
+        metrics.EXCEPTIONS_OPEN.labels(*labels).dec()
+        metrics.RESOLUTION_SECONDS.labels(*labels).observe(max(0.0, (now - gone["opened_at"]) / 1000))
         return [Out(topics.exceptions_topic(record["owner"]), record["exception_id"].encode(),
                     self.codec.encode("exception", record))]
 
