@@ -15,6 +15,7 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
     "streams.worker",
     "streams.demo",
     "streams.bench",
+    "connectors.ingest",
 )
 
 
