@@ -16,6 +16,7 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
     "streams.demo",
     "streams.bench",
     "connectors.ingest",
+    "connectors.webhooks",
 )
 
 
