@@ -163,11 +163,17 @@ class Pipeline:
                 metrics.E2E_LATENCY.observe(max(0.0, (now - cmd["source_occurred_at"]) / 1000))
         exception_ids = []
         original = (src_topic, src_part, src_offset, event["entity_id"].encode(), rec.value)
+        open_now = outcome.status.get("exceptions", {}) if isinstance(outcome.status, dict) else {}
         for draft in outcome.exceptions:
             outs += self._exception_outs(draft, now, original)
             exception_ids.append(draft["exception_id"])
+            if draft["exception_id"] in open_now:  # the event to replay when the owner fixes the data
+                open_now[draft["exception_id"]]["original"] = [src_topic, src_part, src_offset, rec.value.hex()]
+        for draft in getattr(outcome, "updated", ()):
+            outs += self._exception_outs(draft, now, _original(open_now.get(draft["exception_id"]), original),
+                                         opened=False)
         for gone in getattr(outcome, "resolved", ()):
-            outs += self._resolved_outs(gone, now, original)
+            outs += self._resolved_outs(gone, now, _original(gone, original))
         on_time = getattr(outcome, "facts", {}).get("invoice_on_time")
         if on_time is not None:
             metrics.INVOICES.labels("true" if on_time else "false").inc()
@@ -178,12 +184,13 @@ class Pipeline:
                                   command_ids, exception_ids))
         return outs
 
-    def _exception_outs(self, draft: dict[str, Any], now: int, original: tuple) -> list[Out]:
+    def _exception_outs(self, draft: dict[str, Any], now: int, original: tuple, opened: bool = True) -> list[Out]:
         record = self._route(draft, now)
         topic, part, offset, key, value = original
         record["original"] = {"topic": topic, "partition": part, "offset": offset, "key": key, "value": value}
-        metrics.EXCEPTIONS_OPENED.labels(record["owner"], record["reason_code"]).inc()
-        metrics.EXCEPTIONS_OPEN.labels(record["owner"], record["reason_code"]).inc()
+        if opened:  # an update of an open exception republishes it without counting it again
+            metrics.EXCEPTIONS_OPENED.labels(record["owner"], record["reason_code"]).inc()
+            metrics.EXCEPTIONS_OPEN.labels(record["owner"], record["reason_code"]).inc()
         return [Out(topics.exceptions_topic(record["owner"]), record["exception_id"].encode(),
                     self.codec.encode("exception", record))]
 
@@ -231,6 +238,14 @@ class Pipeline:
             "actor": actor, "decided_at": self.clock(),
         }
         return Out(topics.AUDIT.name, (ev.get("trace_id") or "").encode(), self.codec.encode("decision", rec))
+
+
+def _original(entry: dict[str, Any] | None, default: tuple) -> tuple:
+    """The (topic, partition, offset, key, value) an open exception was raised on, else ``default``."""
+    if not entry or not entry.get("original"):
+        return default
+    topic, part, offset, value_hex = entry["original"]
+    return (topic, part, offset, entry.get("entity_id", "").encode() or None, bytes.fromhex(value_hex))
 
 
 def _stable_id(*parts: str) -> str:

@@ -37,6 +37,7 @@ class Outcome:
     commands: list[dict[str, Any]] = field(default_factory=list)
     exceptions: list[dict[str, Any]] = field(default_factory=list)  # opened now (drafts for routing)
     resolved: list[dict[str, Any]] = field(default_factory=list)  # closed now because the data was fixed
+    updated: list[dict[str, Any]] = field(default_factory=list)  # still open, but what is wrong has changed
     facts: dict[str, Any] = field(default_factory=dict)
 
 
@@ -78,12 +79,19 @@ def settle(st: dict[str, Any], cfg: FlowConfig, now: int, event: dict[str, Any],
     st["issued"] = sorted(issued)
     wanted = {d["exception_id"]: d for d in exceptions}
     for eid, draft in wanted.items():
-        if eid not in st["exceptions"]:
+        digest = hashlib.blake2b(json.dumps([draft["message"], draft["suggestions"]], sort_keys=True).encode(),
+                                 digest_size=8).hexdigest()
+        known = st["exceptions"].get(eid)
+        if known is None:
             st["exceptions"][eid] = {"reason_code": draft["reason_code"], "entity_type": draft["entity_type"],
-                                     "entity_id": draft["entity_id"], "opened_at": now}
+                                     "entity_id": draft["entity_id"], "opened_at": now, "digest": digest}
             out.exceptions.append({**draft, "opened_at": now})
+        elif known.get("digest") != digest:
+            known["digest"] = digest
+            out.updated.append({**draft, "opened_at": known["opened_at"]})
     for eid in sorted(set(st["exceptions"]) - set(wanted)):
         gone = st["exceptions"].pop(eid)
+        gone.pop("digest", None)  # "original" stays: the resolution record names the event it was raised on
         out.resolved.append({**gone, "exception_id": eid, "customer_id": st["customer_id"],
                              "trace_id": event["trace_id"], "source_system": SOURCE_OF.get(gone["entity_type"]),
                              "message": f"resolved: the data now satisfies the rule ({event['entity_type']} "
