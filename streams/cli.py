@@ -15,8 +15,10 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
     "streams.worker",
     "streams.demo",
     "streams.bench",
+    "streams.exceptions_cli",
     "connectors.ingest",
     "connectors.webhooks",
+    "connectors.outbound.cli",
 )
 
 
