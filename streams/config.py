@@ -24,6 +24,9 @@ _ENV = {
     "batch_within_s": "CONCORD_BATCH_WITHIN_S",
     "log_level": "CONCORD_LOG_LEVEL",
     "gap_wait_s": "CONCORD_GAP_WAIT_S",
+    "owner_tokens": "CONCORD_OWNER_TOKENS",
+    "owner_tokens_file": "CONCORD_OWNER_TOKENS_FILE",
+    "sla_check_interval_s": "CONCORD_SLA_CHECK_INTERVAL_S",
 }
 
 
@@ -45,6 +48,36 @@ class Settings(BaseModel):
     batch_within_s: float = Field(0.02, gt=0)
     log_level: str = "info"
     gap_wait_s: float = Field(300.0, ge=0, description="how long a sequence gap waits before its exception")
+    owner_tokens: str | None = Field(None, description="team=token,team=token: each owner team's API credential")
+    owner_tokens_file: Path | None = Field(None, description="YAML mapping team -> token (instead of the variable)")
+    sla_check_interval_s: float = Field(1.0, gt=0, description="how often SLA deadlines are checked")
+
+    def credentials(self) -> dict[str, str]:
+        """Token -> owner team, from CONCORD_OWNER_TOKENS or CONCORD_OWNER_TOKENS_FILE (never from the repo)."""
+        from streams.topics import OWNERS
+
+        pairs: dict[str, str] = {}
+        if self.owner_tokens_file:
+            import yaml
+
+            try:
+                data = yaml.safe_load(self.owner_tokens_file.read_text()) or {}
+            except (OSError, yaml.YAMLError) as exc:
+                raise ConfigError(f"CONCORD_OWNER_TOKENS_FILE={self.owner_tokens_file}: {exc}") from None
+            if not isinstance(data, dict):
+                raise ConfigError(f"CONCORD_OWNER_TOKENS_FILE={self.owner_tokens_file}: expected team: token lines")
+            pairs.update({str(k): str(v) for k, v in data.items()})
+        for item in filter(None, (self.owner_tokens or "").split(",")):
+            team, sep, token = item.strip().partition("=")
+            if not sep or not token:
+                raise ConfigError(f"CONCORD_OWNER_TOKENS: {item!r} is not team=token")
+            pairs[team] = token
+        for team, token in pairs.items():
+            if team not in OWNERS:
+                raise ConfigError(f"owner credentials: {team!r} is not one of {list(OWNERS)}")
+            if len(token) < 16:
+                raise ConfigError(f"owner credentials: the token of {team} is shorter than 16 characters")
+        return {token: team for team, token in pairs.items()}
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides: object) -> Settings:

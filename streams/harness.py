@@ -26,9 +26,10 @@ class InProcess:
         self.cfg = cfg or load_flow_config()
         self.clock = {"now": now}
         self.codec = Codec()
-        self.pipeline = Pipeline(self.codec, lambda s, e, n: rules.decide(s, e, self.cfg, n),
-                                 (routing or load_routing()).route, gap_wait_ms=gap_wait_ms,
-                                 clock=lambda: self.clock["now"])
+        routing = routing or load_routing()
+        self.pipeline = Pipeline(self.codec, lambda s, e, n: rules.decide(s, e, self.cfg, n), routing.route,
+                                 gap_wait_ms=gap_wait_ms, clock=lambda: self.clock["now"], parks=routing.parks,
+                                 act=lambda s, a, n: rules.act(s, a, self.cfg, n))
         self.cursors: dict[bytes, Any] = {}
         self.statuses: dict[bytes, Any] = {}
         self.out: list[Out] = []
@@ -43,6 +44,13 @@ class InProcess:
         """Encode and feed one canonical event on its topic."""
         topic = topics.changes_topic(event["source_system"], event["entity_type"])
         self.feed(topic, event["entity_id"].encode(), self.codec.encode("change_event", event))
+
+    def act(self, action: dict[str, Any]) -> None:
+        """An owner's action arrives (see schemas/action.avsc)."""
+        offset = self.offsets[topics.EXCEPTION_ACTIONS.name] = self.offsets.get(topics.EXCEPTION_ACTIONS.name, -1) + 1
+        self._run(self.pipeline.decide(Record(topics.EXCEPTION_ACTIONS.name, 0, offset,
+                                              action["customer_key"].encode(), self.codec.encode("action", action)),
+                                       self.statuses))
 
     def tick(self) -> None:
         """A timer tick on the guard's partition."""

@@ -6,6 +6,7 @@ methods, so the same topology runs in tests and benchmarks without a broker.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import time
@@ -65,12 +66,15 @@ class Pipeline:
 
     def __init__(self, codec: Codec, decide: Callable[[Any, dict[str, Any], int], Any],
                  route: Callable[[dict[str, Any], int], dict[str, Any]], gap_wait_ms: int = 300_000,
-                 clock: Callable[[], int] = now_ms) -> None:
+                 clock: Callable[[], int] = now_ms, parks: Callable[[str], bool] = lambda reason: False,
+                 act: Callable[[Any, dict[str, Any], int], Any] | None = None) -> None:
         self.codec = codec
         self._decide = decide  # (status, event, now_ms) -> Outcome(status, commands, exceptions[, facts])
         self._route = route  # (exception draft, now_ms) -> full exception record with owner and SLA
         self.gap_wait_ms = gap_wait_ms
         self.clock = clock
+        self._parks = parks  # reason code -> whether later events of the entity wait behind it
+        self._act = act  # (status, owner action, now_ms) -> Outcome; raises ValidationError for a bad patch
         self.gapped: dict[int, set[bytes]] = {}  # partition -> guard keys with parked events
 
     # ---- stage one: per entity -------------------------------------------------------------
@@ -144,14 +148,65 @@ class Pipeline:
     # ---- stage two: per customer -----------------------------------------------------------
     def decide(self, rec: Record, statuses: MutableMapping[bytes, Any]) -> list[Out]:
         """Apply one accepted event to its customer's status and emit commands, exceptions and audit."""
-        src_topic = rec.headers.get(SRC_TOPIC, rec.topic.encode()).decode()
-        src_part = int(rec.headers.get(SRC_PARTITION, str(rec.partition).encode()))
-        src_offset = int(rec.headers.get(SRC_OFFSET, str(rec.offset).encode()))
+        if rec.topic == topics.EXCEPTION_ACTIONS.name:
+            return self.act(rec, statuses)
+        src = (rec.headers.get(SRC_TOPIC, rec.topic.encode()).decode(),
+               int(rec.headers.get(SRC_PARTITION, str(rec.partition).encode())),
+               int(rec.headers.get(SRC_OFFSET, str(rec.offset).encode())))
         _, event = self.codec.decode(rec.value)
         key = rec.key or customer_key(event)
-        now = self.clock()
-        outcome = self._decide(statuses.get(key), event, now)
+        status = statuses.get(key)
+        blocker = self._blocker(status, event["entity_type"], event["entity_id"])
+        if blocker:  # a later event never overtakes the one an owner is fixing
+            status = copy.deepcopy(status)
+            ref = f"{event['entity_type']}:{event['entity_id']}"
+            status.setdefault("parked", {}).setdefault(ref, []).append([*src, rec.value.hex()])
+            statuses[key] = status
+            metrics.EVENTS.labels(src[0], "parked").inc()
+            metrics.PARKED.inc()
+            return [self.decision(*src, event, "parked", f"behind open exception {blocker}")]
+        outcome = self._decide(status, event, self.clock())
         statuses[key] = outcome.status
+        return self._emit(outcome, event, src, rec.value) + self._release_unblocked(key, statuses)
+
+    def _blocker(self, status: Any, entity_type: str, entity_id: str) -> str | None:
+        """The open exception the entity's later events must wait behind, if any."""
+        if not isinstance(status, dict):
+            return None
+        for eid, entry in sorted(status.get("exceptions", {}).items()):
+            if entry["entity_type"] == entity_type and entry["entity_id"] == entity_id and self._parks(
+                    entry["reason_code"]):
+                return eid
+        return None
+
+    def _release_unblocked(self, key: bytes, statuses: MutableMapping[bytes, Any]) -> list[Out]:
+        """Replay, in arrival order, the parked events of entities no longer behind an exception."""
+        outs: list[Out] = []
+        status = statuses.get(key)
+        while isinstance(status, dict):
+            ready = [ref for ref, queue in sorted(status.get("parked", {}).items())
+                     if queue and not self._blocker(status, *ref.split(":", 1))]
+            if not ready:
+                break
+            status = copy.deepcopy(status)
+            topic, part, offset, value_hex = status["parked"][ready[0]].pop(0)
+            if not status["parked"][ready[0]]:
+                del status["parked"][ready[0]]
+            statuses[key] = status
+            metrics.PARKED.dec()
+            value = bytes.fromhex(value_hex)
+            _, event = self.codec.decode(value)
+            outcome = self._decide(status, event, self.clock())
+            statuses[key] = status = outcome.status
+            outs += self._emit(outcome, event, (topic, part, offset), value, released=True)
+        return outs
+
+    def _emit(self, outcome: Any, event: dict[str, Any], src: tuple[str, int, int], value: bytes,
+              actor: str | None = None, patch: dict[str, str] | None = None, released: bool = False,
+              result: str | None = None) -> list[Out]:
+        """The records one decision produces: commands, exceptions opened/updated/resolved, and its audit."""
+        src_topic, src_part, src_offset = src
+        now = self.clock()
         outs: list[Out] = []
         command_ids = []
         for cmd in outcome.commands:
@@ -159,30 +214,90 @@ class Pipeline:
                             self.codec.encode("command", cmd)))
             command_ids.append(cmd["command_id"])
             metrics.COMMANDS.labels(cmd["target_system"], cmd["type"]).inc()
-            if cmd.get("source_occurred_at"):
+            if cmd.get("source_occurred_at") and actor is None:
                 metrics.E2E_LATENCY.observe(max(0.0, (now - cmd["source_occurred_at"]) / 1000))
         exception_ids = []
-        original = (src_topic, src_part, src_offset, event["entity_id"].encode(), rec.value)
+        original = (src_topic, src_part, src_offset, event["entity_id"].encode(), value)
         open_now = outcome.status.get("exceptions", {}) if isinstance(outcome.status, dict) else {}
+        for gone in getattr(outcome, "resolved", ()):
+            outs += self._resolved_outs(gone, now, _original(gone, original), actor, patch)
         for draft in outcome.exceptions:
             outs += self._exception_outs(draft, now, original)
             exception_ids.append(draft["exception_id"])
-            if draft["exception_id"] in open_now:  # the event to replay when the owner fixes the data
-                open_now[draft["exception_id"]]["original"] = [src_topic, src_part, src_offset, rec.value.hex()]
+            if draft["exception_id"] in open_now:  # the event to replay, and who may fix it
+                route = self._route(draft, now)
+                open_now[draft["exception_id"]].update(
+                    original=[src_topic, src_part, src_offset, value.hex()], owner=route["owner"],
+                    backup=route["backup_owner"], trace_id=draft["trace_id"], message=draft["message"])
         for draft in getattr(outcome, "updated", ()):
             outs += self._exception_outs(draft, now, _original(open_now.get(draft["exception_id"]), original),
                                          opened=False)
-        for gone in getattr(outcome, "resolved", ()):
-            outs += self._resolved_outs(gone, now, _original(gone, original))
+            if draft["exception_id"] in open_now:
+                open_now[draft["exception_id"]]["message"] = draft["message"]
         on_time = getattr(outcome, "facts", {}).get("invoice_on_time")
         if on_time is not None:
             metrics.INVOICES.labels("true" if on_time else "false").inc()
-        result = "stale" if getattr(outcome, "facts", {}).get("stale") else "exception" if exception_ids else "applied"
-        metrics.EVENTS.labels(src_topic, result).inc()
-        outs.append(self.decision(src_topic, src_part, src_offset, event, result,
-                                  "; ".join(d["reason_code"] for d in outcome.exceptions) or "applied",
-                                  command_ids, exception_ids))
+        result = result or ("stale" if getattr(outcome, "facts", {}).get("stale") else
+                            "exception" if exception_ids else "applied")
+        if actor is None:
+            metrics.EVENTS.labels(src_topic, result).inc()
+        reason = "; ".join(d["reason_code"] for d in outcome.exceptions) or result
+        if released:
+            reason = f"released from park: {reason}"
+        outs.append(self.decision(src_topic, src_part, src_offset, event, result, reason, command_ids, exception_ids,
+                                  actor))
         return outs
+
+    # ---- owners' actions on exceptions ---------------------------------------------------------
+    def act(self, rec: Record, statuses: MutableMapping[bytes, Any]) -> list[Out]:
+        """Acknowledge, resolve (patch and replay) or discard an exception, in order with the customer's events."""
+        try:
+            _, action = self.codec.decode(rec.value)
+        except DecodeError as exc:
+            return self.dead_letter(rec, "decode", exc)
+        key = action["customer_key"].encode()
+        status = statuses.get(key)
+        entry = (status or {}).get("exceptions", {}).get(action["exception_id"]) if isinstance(status, dict) else None
+        now = self.clock()
+        coords = (rec.topic, rec.partition, rec.offset)
+        event = {"trace_id": (entry or {}).get("trace_id") or action["action_id"], "event_id": action["action_id"],
+                 "source_system": None, "entity_type": (entry or {}).get("entity_type"),
+                 "entity_id": (entry or {}).get("entity_id"), "customer_id": (status or {}).get("customer_id"),
+                 "occurred_at": now, "caused_by_command_id": None}
+        if entry is None or self._act is None:
+            return [self.decision(*coords, event, "ignored", f"{action['action']} {action['exception_id']}: "
+                                  "not open (already resolved or discarded)", actor=action["by"])]
+        try:
+            outcome = self._act(status, action, now)
+        except ValidationError as exc:
+            metrics.REPLAYS.labels("failed").inc()
+            return [self.decision(*coords, event, "rejected", f"{action['action']}: {exc}", actor=action["by"])]
+        statuses[key] = outcome.status
+        outs: list[Out] = []
+        if action["action"] == "acknowledge":
+            outs += self._state_outs(entry, action["exception_id"], "acknowledged", now, action)
+        elif action["action"] == "discard":
+            outs += self._state_outs(entry, action["exception_id"], "discarded", now, action)
+            metrics.EXCEPTIONS_OPEN.labels(entry.get("owner", "?"), entry["reason_code"]).dec()
+            metrics.RESOLUTIONS.labels(entry.get("owner", "?")).inc()
+        else:
+            metrics.REPLAYS.labels("succeeded").inc()
+            metrics.RESOLUTIONS.labels(entry.get("owner", "?")).inc()
+        done = {"acknowledge": "acknowledged", "discard": "discarded", "resolve": "resolved"}[action["action"]]
+        outs += self._emit(outcome, event, coords, rec.value, actor=action["by"], patch=action["patch"], result=done)
+        return outs + self._release_unblocked(key, statuses)
+
+    def _state_outs(self, entry: dict[str, Any], eid: str, state: str, now: int, action: dict[str, Any]) -> list[Out]:
+        draft = {**entry, "exception_id": eid, "message": entry.get("message") or state,
+                 "trace_id": entry.get("trace_id") or ""}
+        record = self._route(draft, now)
+        record.update(state=state, opened_at=entry["opened_at"], updated_at=now,
+                      resolution={"by": action["by"], "at": now, "patch": action["patch"], "note": action["note"]})
+        _, _, _, key, value = _original(entry, ("", 0, 0, None, b""))
+        if entry.get("original"):
+            record["original"] = {"topic": entry["original"][0], "partition": entry["original"][1],
+                                  "offset": entry["original"][2], "key": key, "value": value}
+        return [Out(topics.exceptions_topic(record["owner"]), eid.encode(), self.codec.encode("exception", record))]
 
     def _exception_outs(self, draft: dict[str, Any], now: int, original: tuple, opened: bool = True) -> list[Out]:
         record = self._route(draft, now)
@@ -194,17 +309,55 @@ class Pipeline:
         return [Out(topics.exceptions_topic(record["owner"]), record["exception_id"].encode(),
                     self.codec.encode("exception", record))]
 
-    def _resolved_outs(self, gone: dict[str, Any], now: int, original: tuple) -> list[Out]:
+    def _resolved_outs(self, gone: dict[str, Any], now: int, original: tuple, actor: str | None = None,
+                       patch: dict[str, str] | None = None) -> list[Out]:
         """An exception the data no longer warrants: publish it resolved on its owner's queue, count MTTR."""
         record = self._route(gone, now)
+        note = f"replayed with {actor}'s fix" if actor else gone["message"]
         record.update(state="resolved", opened_at=gone["opened_at"], updated_at=now,
-                      resolution={"by": "concord", "at": now, "patch": {}, "note": gone["message"]})
+                      resolution={"by": actor or "concord", "at": now, "patch": patch or {}, "note": note})
         topic, part, offset, key, value = original
         record["original"] = {"topic": topic, "partition": part, "offset": offset, "key": key, "value": value}
         labels = (record["owner"], record["reason_code"])
         metrics.EXCEPTIONS_RESOLVED.labels(*labels).inc()
         metrics.EXCEPTIONS_OPEN.labels(*labels).dec()
         metrics.RESOLUTION_SECONDS.labels(*labels).observe(max(0.0, (now - gone["opened_at"]) / 1000))
+        return [Out(topics.exceptions_topic(record["owner"]), record["exception_id"].encode(),
+                    self.codec.encode("exception", record))]
+
+    def escalation(self, rec: dict[str, Any], now: int) -> list[Out]:
+        """An exception whose SLA ran out: escalate it to the backup owner, and hold billing if it blocks billing."""
+        backup = rec.get("backup_owner") or rec["owner"]
+        record = {**rec, "state": "escalated", "owner": backup, "backup_owner": rec["owner"], "updated_at": now,
+                  "message": f"SLA of {rec['owner']} ran out; escalated to {backup}: {rec['message']}"}
+        metrics.SLA_BREACHES.labels(rec["owner"], rec["reason_code"]).inc()
+        metrics.EXCEPTIONS_ESCALATED.labels(rec["owner"], rec["reason_code"]).inc()
+        outs = [Out(topics.exceptions_topic(backup), rec["exception_id"].encode(),
+                    self.codec.encode("exception", record))]
+        if rec.get("blocks_billing"):
+            outs.append(self.billing_hold(rec, now, hold=True))
+        return outs
+
+    def billing_hold(self, rec: dict[str, Any], now: int, hold: bool) -> Out:
+        """A command telling billing to hold (or release) an entity while its exception is overdue."""
+        ctype = "hold_billing" if hold else "release_billing_hold"
+        cmd = {"command_id": _stable_id(ctype, rec["exception_id"]), "type": ctype, "target_system": "billing",
+               "customer_id": rec.get("customer_id"), "entity_type": rec["entity_type"], "entity_id": rec["entity_id"],
+               "payload": json.dumps({"exception_id": rec["exception_id"], "reason_code": rec["reason_code"],
+                                      "hold": hold}, sort_keys=True),
+               "caused_by": [rec["exception_id"]], "trace_id": rec["trace_id"], "issued_at": now,
+               "source_occurred_at": None}
+        metrics.COMMANDS.labels("billing", ctype).inc()
+        return Out(topics.commands_topic("billing"), rec["entity_id"].encode(), self.codec.encode("command", cmd))
+
+    def closing(self, record: dict[str, Any], now: int, actor: str) -> list[Out]:
+        """An owner closed an exception outside the status table (a sequence gap released or discarded)."""
+        labels = (record["owner"], record["reason_code"])
+        metrics.EXCEPTIONS_OPEN.labels(*labels).dec()
+        metrics.RESOLUTIONS.labels(record["owner"]).inc()
+        if record["state"] == "resolved":
+            metrics.EXCEPTIONS_RESOLVED.labels(*labels).inc()
+            metrics.RESOLUTION_SECONDS.labels(*labels).observe(max(0.0, (now - record["opened_at"]) / 1000))
         return [Out(topics.exceptions_topic(record["owner"]), record["exception_id"].encode(),
                     self.codec.encode("exception", record))]
 

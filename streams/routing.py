@@ -36,6 +36,7 @@ class Route(BaseModel):
     sla: str
     severity: str = "medium"
     blocks_billing: bool = False
+    park_later_events: bool = False  # the entity's later events wait behind the exception, then replay in order
 
     @field_validator("owner", "backup")
     @classmethod
@@ -58,9 +59,9 @@ class Route(BaseModel):
         return v
 
     @property
-    def sla_seconds(self) -> int:
-        """The SLA in seconds."""
-        return parse_duration(self.sla)
+    def sla_seconds(self) -> float:
+        """The SLA in seconds ($CONCORD_SLA_SCALE shrinks every SLA, for demos and tests)."""
+        return parse_duration(self.sla) * float(os.environ.get("CONCORD_SLA_SCALE") or 1.0)
 
 
 class Routing(BaseModel):
@@ -86,6 +87,10 @@ class Routing(BaseModel):
             route = route.model_copy(update={"owner": self.gap_owner_by_system[draft["source_system"]]})
         return route
 
+    def parks(self, reason_code: str) -> bool:
+        """Whether later events of an entity wait behind an open exception with this reason."""
+        return self.reasons.get(reason_code, self.default).park_later_events
+
     def route(self, draft: dict[str, Any], now: int) -> dict[str, Any]:
         """A full exception record (schemas/exception.avsc) from a rule's draft."""
         r = self.route_of(draft)
@@ -93,7 +98,7 @@ class Routing(BaseModel):
             "exception_id": draft["exception_id"], "reason_code": draft["reason_code"], "state": "open",
             "owner": r.owner, "backup_owner": r.backup, "severity": r.severity, "blocks_billing": r.blocks_billing,
             "opened_at": draft.get("opened_at") or now, "sla_deadline": (draft.get("opened_at") or now)
-            + r.sla_seconds * 1000, "updated_at": now, "trace_id": draft["trace_id"],
+            + int(r.sla_seconds * 1000), "updated_at": now, "trace_id": draft["trace_id"],
             "source_system": draft.get("source_system"), "entity_type": draft["entity_type"],
             "entity_id": draft["entity_id"], "customer_id": draft.get("customer_id"), "message": draft["message"],
             "suggestions": [{"field": s["field"], "value": str(s["value"]), "label": s.get("label", ""),

@@ -15,8 +15,10 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from streams.exceptions import ValidationError
 from streams.flow_config import FlowConfig
 from streams.status import (
+    COLLECTION,
     apply_event,
     customer_record,
     empty_status,
@@ -26,7 +28,9 @@ from streams.status import (
 )
 from streams.topics import SOURCE_OF
 
-__all__ = ["Outcome", "decide", "empty_status", "stable_id"]
+__all__ = ["Outcome", "act", "decide", "empty_status", "stable_id"]
+CUSTOMER_FIELDS = ("billing_account_id", "billing_terms", "billing_policy", "email", "name", "billing_address")
+_META = ("event_id", "trace_id", "occurred_at", "seq", "deleted", "won", "issued", "position")
 
 
 @dataclass
@@ -77,7 +81,8 @@ def settle(st: dict[str, Any], cfg: FlowConfig, now: int, event: dict[str, Any],
                              "trace_id": cmd["trace_id"] or event["trace_id"], "issued_at": now,
                              "source_occurred_at": event["occurred_at"]})
     st["issued"] = sorted(issued)
-    wanted = {d["exception_id"]: d for d in exceptions}
+    discarded = st.get("discarded", {})
+    wanted = {d["exception_id"]: d for d in exceptions if d["exception_id"] not in discarded}
     for eid, draft in wanted.items():
         digest = hashlib.blake2b(json.dumps([draft["message"], draft["suggestions"]], sort_keys=True).encode(),
                                  digest_size=8).hexdigest()
@@ -103,11 +108,93 @@ def settle(st: dict[str, Any], cfg: FlowConfig, now: int, event: dict[str, Any],
     return out
 
 
+# ---- owners' actions -----------------------------------------------------------------------------
+def act(status: dict[str, Any], action: dict[str, Any], cfg: FlowConfig, now: int) -> Outcome:
+    """Acknowledge, discard or resolve (patch, then replay the rules) one open exception of this customer.
+
+    Raises ValidationError, changing nothing, when the patch names a field the record does not have, a value of
+    the wrong type or an unknown SKU, or when the replay still fails for the same reason.
+    """
+    st = copy.deepcopy(status)
+    eid = action["exception_id"]
+    entry = st["exceptions"].get(eid)
+    if entry is None:
+        raise ValidationError(f"exception {eid} is not open")
+    replay = {"event_id": action["action_id"], "trace_id": entry.get("trace_id") or action["action_id"],
+              "entity_type": entry["entity_type"], "entity_id": entry["entity_id"], "source_system": None,
+              "occurred_at": now, "caused_by_command_id": None}
+    if action["action"] == "acknowledge":
+        entry["state"] = "acknowledged"
+        return Outcome(st)
+    if action["action"] == "discard":
+        st["exceptions"].pop(eid)
+        st.setdefault("discarded", {})[eid] = entry["reason_code"]
+        return settle(st, cfg, now, replay)
+    if action["action"] != "resolve":
+        raise ValidationError(f"unknown action {action['action']!r}")
+    apply_patch(st, entry, action["patch"], cfg)
+    out = settle(st, cfg, now, replay)
+    if eid in out.status["exceptions"]:
+        raise ValidationError(f"the patch does not fix it: {_why_still(out.status, eid, cfg)}")
+    for draft in out.exceptions:  # the replay got further and failed again: same entity, a new reason
+        draft["message"] = f"replay after resolving {entry['reason_code']} failed: {draft['message']}"
+        draft["attempts"] = entry.get("attempts", 1) + 1
+    return out
+
+
+def _why_still(st: dict[str, Any], eid: str, cfg: FlowConfig) -> str:
+    for draft in warranted(st, cfg)[1]:
+        if draft["exception_id"] == eid:
+            return draft["message"]
+    return "it is still warranted"
+
+
+def apply_patch(st: dict[str, Any], entry: dict[str, Any], patch: dict[str, str], cfg: FlowConfig) -> None:
+    """Record an owner's patch as an override of the record the exception is about (or of its customer)."""
+    if not patch:
+        raise ValidationError("a resolution needs a patch: --set field=value or --choose N")
+    entity, entity_id = entry["entity_type"], entry["entity_id"]
+    rec = (customer_record(st) or {}) if entity == "customer" else st[COLLECTION[entity]].get(entity_id, {})
+    for name, value in patch.items():
+        if name.startswith("sku:"):
+            sku = name[4:]
+            if sku not in {ln["sku"] for ln in rec.get("lines", [])}:
+                raise ValidationError(f"{entity} {entity_id} has no line with SKU {sku!r}")
+            if value not in cfg.catalog:
+                raise ValidationError(f"{value!r} is not in the catalog (known: {', '.join(sorted(cfg.catalog))})")
+            target, converted = f"{entity}:{entity_id}", value
+        elif name in CUSTOMER_FIELDS and st["customer_id"] and (entity == "customer" or entry["reason_code"] in (
+                "missing_billing_account", "missing_billing_terms")):
+            target, converted = f"customer:{st['customer_id']}", value
+        elif name in rec and name not in _META and name != "lines":
+            target, converted = f"{entity}:{entity_id}", _like(rec[name], value, name)
+        elif name == "action":
+            raise ValidationError("an action suggestion is carried out in the owning system; discard the exception "
+                                  "with --why once it is done")
+        else:
+            known = sorted(k for k in rec if k not in _META and k != "lines")
+            raise ValidationError(f"{entity} {entity_id} has no field {name!r} to patch (it has: {', '.join(known)})")
+        st["overrides"].setdefault(target, {})[name] = converted
+
+
+def _like(current: Any, value: str, name: str) -> Any:
+    """``value`` converted to the type of the field's current value."""
+    if isinstance(current, bool):
+        return value.lower() in ("1", "true", "yes")
+    if isinstance(current, int):
+        try:
+            return int(value)
+        except ValueError:
+            raise ValidationError(f"{name} takes a whole number, not {value!r}") from None
+    return value or None
+
+
 # ---- what the facts warrant ---------------------------------------------------------------------
 def warranted(st: dict[str, Any], cfg: FlowConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Every command and exception the customer's current facts call for (issued or not)."""
     commands: list[dict[str, Any]] = []
     exceptions: list[dict[str, Any]] = []
+    st = _effective(st)
     cust = customer_record(st)
     policy = _policy(cust, cfg)
     if cust and st["customer_id"] and not cust.get("deleted"):
@@ -118,7 +205,7 @@ def warranted(st: dict[str, Any], cfg: FlowConfig) -> tuple[list[dict[str, Any]]
         ctype, target = ("create_invoice", "billing") if policy == "on_close" else ("create_job", "dispatch")
         if stable_id(ctype, target, "deal", deal_id) in st["issued"]:
             continue
-        lines = _overridden(st, "deal", deal_id, deal).get("lines", [])
+        lines = deal.get("lines", [])
         problems = _billing_problems(st, cust, cfg, "deal", deal_id, lines, deal)
         if problems:
             exceptions += problems
@@ -159,7 +246,7 @@ def _job_rules(st: dict[str, Any], cust: dict[str, Any] | None, cfg: FlowConfig,
     if policy == "on_completion":
         cid = stable_id("create_invoice", "billing", "job", job_id)
         if cid not in st["issued"]:
-            lines = _overridden(st, "job", job_id, job).get("lines", [])
+            lines = job.get("lines", [])
             problems = _billing_problems(st, cust, cfg, "job", job_id, lines, job)
             if problems:
                 exceptions += problems
@@ -325,12 +412,21 @@ def _policy(cust: dict[str, Any] | None, cfg: FlowConfig) -> str:
     return policy if policy in ("on_close", "on_completion") else cfg.default_billing_policy
 
 
-def _overridden(st: dict[str, Any], entity_type: str, entity_id: str, rec: dict[str, Any]) -> dict[str, Any]:
-    patch = st["overrides"].get(f"{entity_type}:{entity_id}", {})
-    if not patch:
-        return rec
-    lines = [dict(ln, sku=patch.get(f"sku:{ln['sku']}", ln["sku"])) for ln in rec.get("lines", [])]
-    return {**rec, **{k: v for k, v in patch.items() if not k.startswith("sku:")}, "lines": lines}
+def _effective(st: dict[str, Any]) -> dict[str, Any]:
+    """The status as the rules should see it: owners' patches laid over the records (never stored into them)."""
+    if not st["overrides"]:
+        return st
+    view = dict(st)
+    for ref, patch in st["overrides"].items():
+        entity, _, entity_id = ref.partition(":")
+        collection = COLLECTION.get(entity)
+        if collection is None or entity_id not in st[collection]:
+            continue
+        rec = st[collection][entity_id]
+        fields = {k: v for k, v in patch.items() if not k.startswith("sku:")}
+        lines = [dict(ln, sku=patch.get(f"sku:{ln['sku']}", ln["sku"])) for ln in rec.get("lines", [])]
+        view[collection] = {**view[collection], entity_id: {**rec, **fields, "lines": lines}}
+    return view
 
 
 def _billable(lines: list[dict[str, Any]], cfg: FlowConfig) -> list[dict[str, Any]]:

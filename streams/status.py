@@ -25,6 +25,8 @@ def empty_status(customer_key: str) -> dict[str, Any]:
         "issued": [],  # command ids already issued for this customer
         "exceptions": {},  # open exceptions the rules raised: id -> what and when
         "overrides": {},  # owners' patches: "<entity_type>:<entity_id>" -> {field: value}
+        "discarded": {},  # exceptions an owner discarded: id -> reason (never raised again)
+        "parked": {},  # "<entity_type>:<entity_id>" -> events waiting behind an open exception
     }
 
 
@@ -43,13 +45,14 @@ def apply_event(status: dict[str, Any], event: dict[str, Any]) -> bool:
         if event["op"] == "delete":
             status["customer"] = {**current, **meta, "deleted": True}
         elif payload is not None:
-            status["customer"] = {**payload, **meta, "deleted": False}
+            status["customer"] = {**_merged(current, payload, event), **meta, "deleted": False}
         return True
     records = status[COLLECTION[entity]]
     old = records.get(entity_id, {})
     if event["op"] == "delete" or payload is None:
         records[entity_id] = {**old, **meta, "deleted": event["op"] == "delete"}
         return True
+    payload = _merged(old, payload, event)
     new = {**payload, **meta, "deleted": False}
     # Facts that stay true once seen, so that no later update or arrival order can un-happen them.
     if entity == "deal":
@@ -63,6 +66,17 @@ def apply_event(status: dict[str, Any], event: dict[str, Any]) -> bool:
             event["occurred_at"] if new["issued"] else None)
     records[entity_id] = new
     return True
+
+
+def _merged(old: dict[str, Any], payload: dict[str, Any], event: dict[str, Any]) -> dict[str, Any]:
+    """A partial update's payload: only ``changed_fields`` are news, the rest stays as known.
+
+    CDC feeds and webhooks that carry only what changed name those fields in ``changed_fields``.
+    """
+    changed = event.get("changed_fields") or []
+    if not old or event["op"] != "update" or not changed:
+        return payload
+    return {**{k: v for k, v in old.items() if k in payload}, **{k: payload[k] for k in changed if k in payload}}
 
 
 def customer_record(status: dict[str, Any]) -> dict[str, Any] | None:

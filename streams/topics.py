@@ -81,10 +81,15 @@ GUARD_CONTROLS = TopicSpec(
     "guard.controls", "control", "entity_id (or empty for a tick)",
     "timer ticks and owner instructions to the ordering guard, co-partitioned with the changes topics",
 )
+EXCEPTION_ACTIONS = TopicSpec(
+    "actions.exceptions", "action", "customer_id (the status key)",
+    "owners' acknowledgements, resolutions and discards, co-partitioned with accepted.changes",
+)
 AUDIT = TopicSpec("audit.decisions", "decision", "trace_id", "every decision Concord made, with its reason")
 
 ALL: tuple[TopicSpec, ...] = (
-    *CHANGES, *DEADLETTERS, *INGEST_DEADLETTERS, ACCEPTED, GUARD_CONTROLS, *COMMANDS, *EXCEPTIONS, AUDIT,
+    *CHANGES, *DEADLETTERS, *INGEST_DEADLETTERS, ACCEPTED, GUARD_CONTROLS, *COMMANDS, *EXCEPTIONS,
+    EXCEPTION_ACTIONS, AUDIT,
 )
 BY_NAME: dict[str, TopicSpec] = {t.name: t for t in ALL}
 

@@ -19,6 +19,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from streams import metrics, topics
 from streams.config import Settings
+from streams.exceptions import DecodeError
+from streams.owners import Desk, newer, register_views, table_record, wire_record
 from streams.pipeline import Out, Pipeline, Record
 from streams.serde import Codec
 
@@ -87,7 +89,9 @@ def build_app(settings: Settings, pipeline: Pipeline | None = None) -> faust.App
     app.pipeline = pipeline  # type: ignore[attr-defined]
     raw = {"key_serializer": "raw", "value_serializer": "raw"}
     changes = app.topic(*(t.name for t in topics.CHANGES), topics.GUARD_CONTROLS.name, **raw)
-    accepted = app.topic(topics.ACCEPTED.name, **raw)
+    accepted = app.topic(topics.ACCEPTED.name, topics.EXCEPTION_ACTIONS.name, **raw)
+    actions = app.topic(topics.EXCEPTION_ACTIONS.name, **raw)
+    raised = app.topic(*(t.name for t in topics.EXCEPTIONS), **raw)
     controls = app.topic(topics.GUARD_CONTROLS.name, **raw)
     # Raw keys, so faust's key -> partition routing matches the bytes the topics are keyed by.
     table_schema = faust.Schema(key_serializer="raw", value_serializer="json")
@@ -96,6 +100,10 @@ def build_app(settings: Settings, pipeline: Pipeline | None = None) -> faust.App
     customer_to_status = app.Table("customer_to_status", default=None, partitions=topics.PARTITIONS,
                                    schema=table_schema)
     app.customer_to_status = customer_to_status  # type: ignore[attr-defined]
+    exception_to_record = app.Table("exception_to_record", default=None, partitions=topics.PARTITIONS,
+                                    schema=table_schema)
+    app.exception_to_record = exception_to_record  # type: ignore[attr-defined]
+    escalating: set[bytes] = set()  # escalated here and not yet seen back on an exceptions topic
 
     async def send_all(outs: Iterable[Out]) -> None:
         futures = [await app.producer.send(o.topic, o.key, o.value, None, None, list(o.headers)) for o in outs]
@@ -135,6 +143,37 @@ def build_app(settings: Settings, pipeline: Pipeline | None = None) -> faust.App
         """Apply accepted events to the customer status table and issue commands and exceptions."""
         await run_batches(stream, lambda event, view: pipeline.decide(_record(event), view), customer_to_status)
 
+    @app.agent(raised, name="track_exceptions")
+    async def track_exceptions(stream: Any) -> None:
+        """Keep every exception's latest state in exception_to_record; release billing holds when closed."""
+        async for event in stream.events():
+            msg = event.message
+            try:
+                _, rec = pipeline.codec.decode(msg.value)
+            except DecodeError as exc:  # only Concord writes these topics: say so loudly, and go on
+                log.error("exception record %s/%s/%s cannot be decoded: %s", msg.topic, msg.partition, msg.offset, exc)
+                metrics.DEADLETTERS.labels(msg.topic, "decode").inc()
+                continue
+            old = exception_to_record.get(msg.key)
+            if not newer(old, rec):
+                continue
+            exception_to_record[msg.key] = table_record(rec)
+            if rec["state"] == "escalated":
+                escalating.discard(msg.key)
+            if old and old["state"] == "escalated" and rec["state"] in ("resolved", "discarded") and rec.get(
+                    "blocks_billing"):
+                await send_all([pipeline.billing_hold(rec, pipeline.clock(), hold=False)])
+
+    @app.timer(interval=settings.sla_check_interval_s)
+    async def escalate_overdue() -> None:
+        """Escalate every exception held here whose SLA ran out unresolved."""
+        now = pipeline.clock()
+        for key, rec in list(exception_to_record.items()):
+            if rec and rec["state"] in ("open", "acknowledged") and rec["sla_deadline"] <= now \
+                    and key not in escalating:
+                escalating.add(key)
+                await send_all(pipeline.escalation(wire_record(rec), now))
+
     @app.timer(interval=1.0)
     async def tick_guards() -> None:
         """Ask each guard partition to look for gaps that waited too long."""
@@ -160,6 +199,11 @@ def build_app(settings: Settings, pipeline: Pipeline | None = None) -> faust.App
             return web.json({"error": f"no customer {customer_id!r}"}, status=404)
         return web.json(status)
 
+    from streams.flow_config import load_flow_config
+
+    desk = Desk(app, settings.credentials(), load_flow_config(), customer_to_status, exception_to_record, actions,
+                controls, pipeline)
+    register_views(app, desk)
     return app
 
 
@@ -191,9 +235,11 @@ def default_pipeline(settings: Settings) -> Pipeline:
     from streams.routing import load_routing
 
     cfg = load_flow_config()
+    routing = load_routing()
     return Pipeline(Codec(settings.schema_registry_url),
                     lambda status, event, now: rules.decide(status, event, cfg, now),
-                    load_routing().route, gap_wait_ms=int(settings.gap_wait_s * 1000))
+                    routing.route, gap_wait_ms=int(settings.gap_wait_s * 1000), parks=routing.parks,
+                    act=lambda status, action, now: rules.act(status, action, cfg, now))
 
 
 async def run_worker(settings: Settings, ready: asyncio.Event | None = None) -> None:

@@ -243,3 +243,13 @@ def test_routing_rejects_unknown_owner_with_the_line(tmp_path):
     bad.write_text("default: {owner: finance, sla: soon}\nreasons: {}\n")
     with pytest.raises(ConfigError, match=r"routing.yaml:1: default.sla: .*not a duration"):
         load_routing(bad)
+
+
+def test_partial_update_changes_only_the_named_fields():
+    c = Customer()
+    c.send("deal", "d1", ev.deal("open", LINES, name="Boiler swap"))
+    partial = ev.deal("closed_won", [], name="")  # a CDC update that carries only the stage
+    c.send("deal", "d1", partial, changed=["stage"])
+    deal = c.status["deals"]["d1"]
+    assert deal["stage"] == "closed_won" and deal["name"] == "Boiler swap" and deal["lines"] == LINES
+    assert [x["type"] for x in c.of_type("create_invoice")] == ["create_invoice"]

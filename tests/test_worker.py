@@ -19,6 +19,8 @@ from streams.simulator import business
 pytestmark = pytest.mark.broker
 NOW = 1_767_225_600_000
 LINES = [ev.line("SVC-INSTALL", 1, 50_000)]
+SLA_SCALE = 0.0005  # 4 h -> 7.2 s, so an SLA runs out while the test watches
+TOKENS = {team: f"test-token-{team}-{i}" * 2 for i, team in enumerate(topics.OWNERS)}
 WATCH = [t.name for t in (*topics.COMMANDS, *topics.EXCEPTIONS, *topics.DEADLETTERS, topics.AUDIT)]
 
 
@@ -30,7 +32,9 @@ def worker(broker, tmp_path_factory):
     port = free_port()
     app_id = f"concord-test-{uuid.uuid4().hex[:8]}"
     state = tmp_path_factory.mktemp("worker")
-    env = {"CONCORD_DATA_DIR": str(state), "CONCORD_GAP_WAIT_S": "1"}
+    env = {"CONCORD_DATA_DIR": str(state), "CONCORD_GAP_WAIT_S": "1", "CONCORD_SLA_SCALE": str(SLA_SCALE),
+           "CONCORD_SLA_CHECK_INTERVAL_S": "0.5",
+           "CONCORD_OWNER_TOKENS": ",".join(f"{team}={token}" for team, token in TOKENS.items())}
     with worker_process(broker.bootstrap_servers, port, app_id, state / "worker.log", env) as proc:
         yield {"port": port, "app_id": app_id, "proc": proc, "url": f"http://127.0.0.1:{port}", "log": state}
 
@@ -65,7 +69,8 @@ def test_first_flow_three_outcomes_and_the_worker_goes_on(broker, worker, uid):
     assert cmd["trace_id"] == f"trace:deal:d-{uid}"
     exc = [g.record for g in got if g.topic == "exceptions.revenue-ops" and g.record["entity_id"] == f"x-{uid}"][-1]
     assert exc["reason_code"] == "missing_billing_account" and exc["owner"] == "revenue-ops"
-    assert exc["sla_deadline"] == exc["opened_at"] + 4 * 3600 * 1000 and exc["trace_id"] == f"trace:deal:x-{uid}"
+    assert exc["sla_deadline"] - exc["opened_at"] == int(4 * 3600 * SLA_SCALE * 1000)
+    assert exc["trace_id"] == f"trace:deal:x-{uid}"
     assert exc["suggestions"][0]["value"] == "cus_x" and exc["original"]["topic"] == "changes.crm.deal"
     assert CODEC.decode(exc["original"]["value"])[1]["entity_id"] == f"x-{uid}"
     [dl] = [g for g in got if g.topic == "deadletter.changes.crm.deal" and g.record["original_value"] == garbage]
@@ -127,3 +132,100 @@ def test_broker_run_converges_with_the_in_process_run(broker, worker, uid):
     issued = [g.record["command_id"] for g in got if g.topic.startswith("commands.")
               and g.record["customer_id"] and g.record["customer_id"].startswith(f"{uid}-")]
     assert set(issued) == want and len(want) > 10
+
+
+def api(worker, method, path, token=None, **query):
+    import urllib.error
+    import urllib.parse
+
+    url = worker["url"] + path + ("?" + urllib.parse.urlencode(query, doseq=True) if query else "")
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    req = urllib.request.Request(url, method=method, headers=headers, data=b"" if method == "POST" else None)
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status, json.load(resp)
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"{}")
+
+
+def cli(worker, *args, token=None):
+    return subprocess.run([sys.executable, "-m", "streams.cli", "exceptions", "--url", worker["url"], "--token",
+                           token or TOKENS["revenue-ops"], *args], capture_output=True, text=True, timeout=60)
+
+
+def test_exception_lifecycle_sla_escalation_resolution_replay_and_release(broker, worker, uid):
+    """open -> SLA runs out -> escalated to the backup (billing held) -> resolved -> replay -> command."""
+    bs = broker.bootstrap_servers
+    cid, deal = f"lc-{uid}", f"lcd-{uid}"
+    since = end_offsets(bs, WATCH)
+    publish(bs, ev.change_event("customer", cid, 1, ev.customer("Late Co", account=None,
+                                                                 external_ids={"stripe": f"cus_{uid}"}), cid, at=NOW))
+    got = read_until(bs, since, lambda got: any(g.topic == "commands.dispatch" and g.record["customer_id"] == cid
+                                                for g in got))  # the customer record is in before the deal
+    publish(bs, ev.change_event("deal", deal, 1, ev.deal("closed_won", LINES), cid, at=NOW))
+    got = read_until(bs, since, lambda got: any(g.topic == "exceptions.revenue-ops" and g.record["entity_id"] == deal
+                                                for g in got))
+    eid = [g.record for g in got if g.topic == "exceptions.revenue-ops" and g.record["entity_id"] == deal][0][
+        "exception_id"]
+    publish(bs, ev.change_event("deal", deal, 2, ev.deal("closed_won", LINES, name="later change"), cid, at=NOW))
+
+    # the SLA (7.2 s here) runs out: escalated to finance, billing held for the deal
+    got = read_until(bs, since, lambda got: any(g.topic == "exceptions.finance" and g.key == eid.encode()
+                                                and g.record["state"] == "escalated" for g in got)
+                     and any(g.topic == "commands.billing" and g.record["type"] == "hold_billing"
+                             and g.record["entity_id"] == deal for g in got), timeout=60)
+    parked = [g.record for g in got if g.topic == topics.AUDIT.name and g.record["entity_id"] == deal
+              and g.record["outcome"] == "parked"]
+    assert len(parked) == 1 and eid in parked[0]["reason"]
+    assert not any(g.topic == "commands.billing" and g.record["type"] == "create_invoice"
+                   and g.record["entity_id"] == deal for g in got)
+
+    # nobody else may see or touch it
+    assert api(worker, "GET", f"/exceptions/{eid}")[0] == 401
+    assert api(worker, "GET", f"/exceptions/{eid}", "not-a-token")[0] == 401
+    assert api(worker, "GET", f"/exceptions/{eid}", TOKENS["marketing-ops"])[0] == 403
+    code, body = api(worker, "POST", f"/exceptions/{eid}/resolve", TOKENS["dispatch-ops"], customer=cid,
+                     set="billing_account_id=acct_evil")
+    assert code == 403, body
+    code, body = api(worker, "POST", f"/exceptions/{eid}/resolve", TOKENS["revenue-ops"], customer=cid,
+                     set="colour=blue")
+    assert code == 422 and "no field 'colour'" in body["error"]
+    code, body = api(worker, "POST", f"/exceptions/{eid}/resolve", TOKENS["revenue-ops"], customer=cid,
+                     set="billing_terms=net_15")
+    assert code == 422 and "does not fix it" in body["error"]
+    assert api(worker, "GET", "/exceptions", TOKENS["revenue-ops"], owner="finance")[0] == 403
+
+    shown = cli(worker, "show", eid, token=TOKENS["finance"])
+    assert shown.returncode == 0 and "escalated" in shown.stdout and f"cus_{uid}" in shown.stdout, shown.stderr
+    done = cli(worker, "--user", "ana", "resolve", eid, "--choose", "1")
+    assert done.returncode == 0, done.stderr
+    assert f"{eid}: resolved by revenue-ops:ana" in done.stdout
+
+    got = read_until(bs, since, lambda got: any(g.topic == "commands.billing" and g.record["type"] == "create_invoice"
+                                                and g.record["entity_id"] == deal for g in got)
+                     and any(g.topic == "commands.billing" and g.record["type"] == "release_billing_hold"
+                             and g.record["entity_id"] == deal for g in got), timeout=60)
+    [inv] = [g.record for g in got if g.topic == "commands.billing" and g.record["type"] == "create_invoice"
+             and g.record["entity_id"] == deal]
+    assert json.loads(inv["payload"])["billing_account_id"] == f"cus_{uid}"
+    resolved = [g.record for g in got if g.topic.startswith("exceptions.") and g.key == eid.encode()
+                and g.record["state"] == "resolved"]
+    assert resolved and resolved[0]["resolution"]["by"] == "revenue-ops:ana"
+    released = [g.record for g in got if g.topic == topics.AUDIT.name and g.record["entity_id"] == deal
+                and g.record["reason"].startswith("released from park")]
+    assert [r["offset"] for r in released] == [parked[0]["offset"]]
+    status = json.loads(subprocess.run([sys.executable, "-m", "streams.cli", "status", cid, "--url", worker["url"],
+                                        "--json"], capture_output=True, text=True, timeout=30).stdout)
+    assert status["deals"][deal]["name"] == "later change" and status["exceptions"] == {}
+
+    again = cli(worker, "resolve", eid, "--set", f"billing_account_id=cus_{uid}")
+    assert again.returncode == 1 and "409" in again.stderr, "resolving twice is refused and changes nothing"
+
+    text = urllib.request.urlopen(worker["url"] + "/metrics", timeout=10).read().decode()
+    labels = 'owner="revenue-ops",reason="missing_billing_account"'
+    for name in ("concord_sla_breaches_total", "concord_exceptions_escalated_total",
+                 "concord_exceptions_resolved_total", "concord_exception_resolution_seconds_count"):
+        assert any(line.startswith(f"{name}{{{labels}}}") and float(line.rsplit(" ", 1)[1]) >= 1
+                   for line in text.splitlines()), name
+    assert any(line.startswith('concord_replays_total{outcome="succeeded"}') for line in text.splitlines())
+    assert any(line.startswith('concord_resolutions_total{owner="revenue-ops"}') for line in text.splitlines())
