@@ -15,6 +15,7 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
     "streams.worker",
     "streams.demo",
     "streams.bench",
+    "streams.exceptions_cli",
     "connectors.ingest",
     "connectors.webhooks",
     "connectors.outbound.cli",
