@@ -176,7 +176,10 @@ class Desk:
             await self.controls.send(key=rec["entity_id"].encode(),
                                      value=self.pipeline.codec.encode("control", control))
         state = {"acknowledge": "acknowledged", "resolve": "resolved", "discard": "discarded"}[action]
-        done = {**wire_record(rec), "state": state, "updated_at": now,
+        base = wire_record(rec)
+        if rec["state"] == "escalated" and rec.get("backup_owner"):  # back to its owner's queue, as it closes
+            base.update(owner=rec["backup_owner"], backup_owner=rec["owner"])
+        done = {**base, "state": state, "updated_at": now,
                 "resolution": {"by": by, "at": now, "patch": {"action": "release_gap"} if action != "acknowledge"
                                else {}, "note": note or "parked events released without the missing ones"}}
         for out in self.pipeline.closing(done, now, by):

@@ -341,7 +341,7 @@ class Pipeline:
     def billing_hold(self, rec: dict[str, Any], now: int, hold: bool) -> Out:
         """A command telling billing to hold (or release) an entity while its exception is overdue."""
         ctype = "hold_billing" if hold else "release_billing_hold"
-        cmd = {"command_id": _stable_id(ctype, rec["exception_id"]), "type": ctype, "target_system": "billing",
+        cmd = {"command_id": "cmd_" + _stable_id(ctype, rec["exception_id"]), "type": ctype, "target_system": "billing",
                "customer_id": rec.get("customer_id"), "entity_type": rec["entity_type"], "entity_id": rec["entity_id"],
                "payload": json.dumps({"exception_id": rec["exception_id"], "reason_code": rec["reason_code"],
                                       "hold": hold}, sort_keys=True),

@@ -32,6 +32,8 @@ class Report:
     exceptions_opened: Counter = field(default_factory=Counter)  # (owner, reason)
     exceptions_resolved: Counter = field(default_factory=Counter)  # (owner, reason)
     dead_letters: Counter = field(default_factory=Counter)  # stage
+    lives: dict[str, dict[str, Any]] = field(default_factory=dict)  # exception id -> its life so far
+    owner_resolved: list[str] = field(default_factory=list)  # ids the demo resolved as their owner would
     missing: list[tuple[str, int, int]] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -39,6 +41,26 @@ class Report:
     def unaccounted(self) -> int:
         """Published records with no decision read back from audit.decisions."""
         return len(self.missing)
+
+    def by_owner(self) -> dict[str, dict[str, Any]]:
+        """Per owner: opened, resolved automatically, resolved by the owner and replayed, escalated, open, MTTR."""
+        out: dict[str, dict[str, Any]] = {}
+        for life in self.lives.values():
+            row = out.setdefault(life["owner"], {"opened": 0, "resolved_automatically": 0, "resolved_by_owner": 0,
+                                                 "discarded": 0, "escalated": 0, "open": 0, "_seconds": []})
+            row["opened"] += 1
+            row["escalated"] += life["escalated"]
+            if life["state"] == "resolved":
+                row["resolved_automatically" if life["by"] == "concord" else "resolved_by_owner"] += 1
+                row["_seconds"].append((life["closed_at"] - life["opened_at"]) / 1000)
+            elif life["state"] == "discarded":
+                row["discarded"] += 1
+            else:
+                row["open"] += 1
+        for row in out.values():
+            secs = row.pop("_seconds")
+            row["mttr_s"] = round(sum(secs) / len(secs), 1) if secs else None
+        return dict(sorted(out.items()))
 
     def to_dict(self) -> dict[str, Any]:
         """The report as JSON-ready data."""
@@ -49,7 +71,9 @@ class Report:
             "commands": dict(self.commands), "duplicate_command_ids": self.duplicate_command_ids,
             "exceptions_opened": {f"{o}/{r}": n for (o, r), n in sorted(self.exceptions_opened.items())},
             "exceptions_resolved": {f"{o}/{r}": n for (o, r), n in sorted(self.exceptions_resolved.items())},
-            "dead_letters": dict(self.dead_letters), "missing": self.missing[:20], "seconds": round(self.seconds, 1),
+            "dead_letters": dict(self.dead_letters), "by_owner": self.by_owner(),
+            "resolved_by_demo_owners": len(self.owner_resolved), "missing": self.missing[:20],
+            "seconds": round(self.seconds, 1),
         }
 
 
@@ -71,8 +95,12 @@ def watched_topics() -> list[str]:
 
 
 def collect(bootstrap: str, published: list[Published], since: dict[tuple[str, int], int], timeout: float = 120,
-            settle: float = 5.0, progress: Callable[[int, int], None] | None = None) -> Report:
-    """Read outputs from ``since`` until every published record has a decision and nothing new came for ``settle`` s."""
+            settle: float = 5.0, progress: Callable[[int, int], None] | None = None,
+            wait_for: set[str] | None = None) -> Report:
+    """Read outputs from ``since`` until every published record has a decision and nothing new came for ``settle`` s.
+
+    ``wait_for``: exception ids that must also be seen closed before the count ends.
+    """
     started = time.monotonic()
     codec = Codec()
     fates: dict[tuple[str, int, int], list[str]] = {(p.topic, p.partition, p.offset): [] for p in published}
@@ -102,13 +130,13 @@ def collect(bootstrap: str, published: list[Published], since: dict[tuple[str, i
                     report.duplicate_command_ids += rec["command_id"] in seen_commands
                     seen_commands.add(rec["command_id"])
                 elif topic.startswith("exceptions."):
-                    bucket = report.exceptions_resolved if rec["state"] == "resolved" else report.exceptions_opened
-                    bucket[(rec["owner"], rec["reason_code"])] += 1
+                    _follow(report.lives, rec)
                 elif topic.startswith("deadletter."):
                     report.dead_letters[rec["stage"]] += 1
             if progress:
                 progress(decided, len(fates))
-            if decided == len(fates) and time.monotonic() - last_new >= settle:
+            closed = all(report.lives.get(e, {}).get("state") in ("resolved", "discarded") for e in wait_for or ())
+            if decided == len(fates) and closed and time.monotonic() - last_new >= settle:
                 break
     finally:
         c.close()
@@ -121,8 +149,36 @@ def collect(bootstrap: str, published: list[Published], since: dict[tuple[str, i
         report.released_after_park += "parked" in seen and final != "parked"
         report.outcomes[final] += 1
         report.by_fault.setdefault(p.fault or "clean", Counter())[final] += 1
+    for life in report.lives.values():
+        report.exceptions_opened[(life["owner"], life["reason"])] += 1
+        if life["state"] == "resolved" and life["by"] == "concord":
+            report.exceptions_resolved[(life["owner"], life["reason"])] += 1
     report.seconds = time.monotonic() - started
     return report
+
+
+def _follow(lives: dict[str, dict[str, Any]], rec: dict[str, Any]) -> None:
+    """Fold one exception record into the life of its exception (owner, escalations, how it closed).
+
+    Queues are read in no particular order across topics, so an escalated copy (owner = the backup,
+    backup_owner = the original owner) may come first.
+    """
+    owner = rec["backup_owner"] if rec["state"] == "escalated" and rec.get("backup_owner") else rec["owner"]
+    life = lives.get(rec["exception_id"])
+    if life is None or rec["opened_at"] > life["opened_at"]:
+        life = lives[rec["exception_id"]] = {"owner": owner, "reason": rec["reason_code"], "state": "open",
+                                             "opened_at": rec["opened_at"], "escalated": 0, "by": None,
+                                             "closed_at": None, "updated_at": 0}
+    if rec["opened_at"] < life["opened_at"]:
+        return  # an earlier life of the same id, closed before it was raised again
+    if rec["state"] == "escalated":
+        life["escalated"] = 1
+    closing = rec["state"] in ("resolved", "discarded")
+    if closing or (life["state"] not in ("resolved", "discarded") and rec["updated_at"] >= life["updated_at"]):
+        life["state"], life["updated_at"] = rec["state"], rec["updated_at"]
+        if closing:
+            life["by"] = (rec.get("resolution") or {}).get("by")
+            life["closed_at"] = rec["updated_at"]
 
 
 def render(r: Report) -> str:
@@ -146,6 +202,13 @@ def render(r: Report) -> str:
     keys = sorted(set(r.exceptions_opened) | set(r.exceptions_resolved))
     lines += [f"  {o:<14} {reason:<26} {r.exceptions_opened.get((o, reason), 0):>5} / "
               f"{r.exceptions_resolved.get((o, reason), 0)}" for o, reason in keys] or ["  (none)"]
+    lines += ["", "exceptions per owner: opened, resolved automatically, resolved by the owner (and replayed), "
+              "escalated, still open, MTTR:"]
+    for owner, row in r.by_owner().items():
+        mttr = f"{row['mttr_s']:.1f}s" if row["mttr_s"] is not None else "-"
+        lines.append(f"  {owner:<14} opened {row['opened']:>4}  auto {row['resolved_automatically']:>4}  "
+                     f"by owner {row['resolved_by_owner']:>3}  escalated {row['escalated']:>3}  "
+                     f"open {row['open']:>4}  MTTR {mttr}")
     lines += ["", "dead letters by stage: " + (", ".join(f"{k} {v}" for k, v in sorted(r.dead_letters.items()))
                                                or "none")]
     lines.append(f"unaccounted: {r.unaccounted}")

@@ -28,7 +28,7 @@ from streams.status import (
 )
 from streams.topics import SOURCE_OF
 
-__all__ = ["Outcome", "act", "decide", "empty_status", "stable_id"]
+__all__ = ["Outcome", "act", "command_id", "decide", "empty_status", "stable_id"]
 CUSTOMER_FIELDS = ("billing_account_id", "billing_terms", "billing_policy", "email", "name", "billing_address")
 _META = ("event_id", "trace_id", "occurred_at", "seq", "deleted", "won", "issued", "position")
 
@@ -48,6 +48,11 @@ class Outcome:
 def stable_id(*parts: str) -> str:
     """A deterministic id: the same parts always give it, different parts practically never do."""
     return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:32]
+
+
+def command_id(*parts: str) -> str:
+    """A command's idempotency key: deterministic, and marked so that echoes of it are recognised (cmd_...)."""
+    return "cmd_" + stable_id(*parts)
 
 
 def decide(status: dict[str, Any] | None, event: dict[str, Any], cfg: FlowConfig, now: int) -> Outcome:
@@ -203,7 +208,7 @@ def warranted(st: dict[str, Any], cfg: FlowConfig) -> tuple[list[dict[str, Any]]
         if not deal.get("won") or deal.get("deleted"):
             continue
         ctype, target = ("create_invoice", "billing") if policy == "on_close" else ("create_job", "dispatch")
-        if stable_id(ctype, target, "deal", deal_id) in st["issued"]:
+        if command_id(ctype, target, "deal", deal_id) in st["issued"]:
             continue
         lines = deal.get("lines", [])
         problems = _billing_problems(st, cust, cfg, "deal", deal_id, lines, deal)
@@ -244,7 +249,7 @@ def _job_rules(st: dict[str, Any], cust: dict[str, Any] | None, cfg: FlowConfig,
              for d in candidates[:5]]))
         return commands, exceptions
     if policy == "on_completion":
-        cid = stable_id("create_invoice", "billing", "job", job_id)
+        cid = command_id("create_invoice", "billing", "job", job_id)
         if cid not in st["issued"]:
             lines = job.get("lines", [])
             problems = _billing_problems(st, cust, cfg, "job", job_id, lines, job)
@@ -452,7 +457,7 @@ def _bill_payload(st: dict[str, Any], cust: dict[str, Any], cfg: FlowConfig,
 def _command(ctype: str, target: str, st: dict[str, Any], entity_type: str, entity_id: str, rec: dict[str, Any],
              payload: dict[str, Any], key: tuple[str, ...] = ()) -> dict[str, Any]:
     return {
-        "command_id": stable_id(ctype, target, entity_type, entity_id, *key), "type": ctype, "target_system": target,
+        "command_id": command_id(ctype, target, entity_type, entity_id, *key), "type": ctype, "target_system": target,
         "customer_id": st["customer_id"], "entity_type": entity_type, "entity_id": entity_id,
         "payload": json.dumps(payload, sort_keys=True), "trace_id": rec.get("trace_id"),
         "caused_by_entity": [rec["event_id"]] if rec.get("event_id") else [],

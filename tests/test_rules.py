@@ -6,7 +6,7 @@ import pytest
 
 from streams import events as ev
 from streams.flow_config import load_flow_config
-from streams.rules import decide, stable_id
+from streams.rules import command_id, decide, stable_id
 
 CFG = load_flow_config()
 T0 = 1_700_000_000_000
@@ -53,7 +53,9 @@ def test_closed_won_with_billing_details_creates_one_invoice_on_close():
     assert cmd["target_system"] == "billing" and cmd["entity_id"] == "d1"
     assert body["billing_account_id"] == "acct_1" and body["amount_cents"] == 80_000
     assert [ln["price_id"] for ln in body["lines"]] == ["price_install_std", "price_thermostat"]
-    assert cmd["command_id"] == stable_id("create_invoice", "billing", "deal", "d1")
+    assert cmd["command_id"] == command_id("create_invoice", "billing", "deal", "d1")
+    assert cmd["command_id"].startswith("cmd_") and cmd["command_id"] != stable_id("create_invoice", "billing",
+                                                                                    "deal", "d2")
     assert cmd["trace_id"] == "trace:deal:d1" and "deal:d1:2" in cmd["caused_by"]
     c.send("deal", "d1", ev.deal("closed_won", LINES, closed_at=T0, name="renamed"))
     assert len(c.of_type("create_invoice")) == 1, "a later update of a won deal must not bill it again"
