@@ -68,6 +68,11 @@ ACCEPTED = TopicSpec(
 COMMANDS = tuple(
     TopicSpec(commands_topic(t), "command", "entity_id", f"commands for the {t} system") for t in TARGET_SYSTEMS
 )
+COMMAND_DEADLETTERS = tuple(
+    TopicSpec(deadletter_topic(t.name), "dead_letter", "original key", f"records of {t.name} an adapter could "
+              "not decode, with the original bytes")
+    for t in COMMANDS
+)
 EXCEPTIONS = tuple(
     TopicSpec(exceptions_topic(o), "exception", "exception_id", f"exception queue of {o}") for o in OWNERS
 )
@@ -88,7 +93,8 @@ EXCEPTION_ACTIONS = TopicSpec(
 AUDIT = TopicSpec("audit.decisions", "decision", "trace_id", "every decision Concord made, with its reason")
 
 ALL: tuple[TopicSpec, ...] = (
-    *CHANGES, *DEADLETTERS, *INGEST_DEADLETTERS, ACCEPTED, GUARD_CONTROLS, *COMMANDS, *EXCEPTIONS,
+    *CHANGES, *DEADLETTERS, *INGEST_DEADLETTERS, ACCEPTED, GUARD_CONTROLS, *COMMANDS, *COMMAND_DEADLETTERS,
+    *EXCEPTIONS,
     EXCEPTION_ACTIONS, AUDIT,
 )
 BY_NAME: dict[str, TopicSpec] = {t.name: t for t in ALL}

@@ -425,7 +425,9 @@ def test_adapter_gives_up_without_committing_and_stops_on_fatal(uid: str) -> Non
         rcv.server.fail_next.append(403)
         with pytest.raises(AdapterError, match="403"):
             a.handle(origin(invoice_cmd(uid)))
-        assert a.handle(origin(b"\xc3\x01garbage")) == "undecodable"
+        a.produce_timeout = 1.0
+        with pytest.raises(AdapterError, match="could not publish the dead letter.*not committed"):
+            a.handle(origin(b"\xc3\x01garbage"))  # no broker to take the dead letter: not committed
     finally:
         rcv.server.close()
 
@@ -475,7 +477,7 @@ def test_redelivered_command_has_one_effect_and_bad_bytes_do_not_stop(broker: An
     value = CODEC.encode("command", inv)
     produce(bs, [("commands.billing", key, b"not avro at all"), *[("commands.billing", key, value)] * 3,
                  ("commands.billing", void["entity_id"].encode(), CODEC.encode("command", void))])
-    since = end_offsets(bs, ["exceptions.revenue-ops"])
+    since = end_offsets(bs, ["exceptions.revenue-ops", "deadletter.commands.billing"])
     args = ["adapters", "--target", "sandbox", "--topics", "billing", "--db", db, "--once", "--group", group]
     started = time.monotonic()
     assert cli.main(args) == 0
@@ -486,9 +488,14 @@ def test_redelivered_command_has_one_effect_and_bad_bytes_do_not_stop(broker: An
     with sqlite3.connect(db) as c:
         assert c.execute("SELECT count(*) FROM effects WHERE command_id = ?", (inv["command_id"],)).fetchone() == (1,)
         assert c.execute("SELECT count(*), sum(amount_cents) FROM invoices").fetchone() == (1, 5990)
-    got = read_until(bs, since, lambda g: any(x.record and x.record["entity_id"] == void["entity_id"] for x in g),
-                     timeout=20)
-    exc = next(x.record for x in got if x.record and x.record["entity_id"] == void["entity_id"])
+    def dead(x: Any) -> bool:
+        return x.topic == "deadletter.commands.billing" and x.record["original_value"] == b"not avro at all"
+
+    got = read_until(bs, since, lambda g: any(x.record and x.record.get("entity_id") == void["entity_id"] for x in g)
+                     and any(dead(x) for x in g), timeout=20)
+    dl = next(x for x in got if dead(x))
+    assert dl.record["stage"] == "decode" and dl.headers["concord-src-topic"] == b"commands.billing"
+    exc = next(x.record for x in got if x.record and x.record.get("entity_id") == void["entity_id"])
     assert exc["exception_id"] == stable_id("command_rejected", void["command_id"])
     assert exc["reason_code"] == "command_rejected" and exc["owner"] == "revenue-ops"
     assert f"no invoice in_none_{uid} to void" in exc["message"] and exc["original"]["topic"] == "commands.billing"
@@ -510,7 +517,7 @@ def test_stripe_adapter_retries_and_rejects_on_the_broker(broker: Any, uid: str,
     start_group_at_end(bs, group, "commands.billing")
     good, bad = invoice_cmd(uid), invoice_cmd(uid, customer="cus_missing")
     produce(bs, [("commands.billing", r["entity_id"].encode(), CODEC.encode("command", r)) for r in (bad, good)])
-    since = end_offsets(bs, ["exceptions.revenue-ops"])
+    since = end_offsets(bs, ["exceptions.revenue-ops", "deadletter.commands.billing"])
     try:
         rc = cli.main(["adapters", "--target", "stripe", "--topics", "billing", "--base-url", fake.server.url,
                        "--once", "--group", group, "--backoff", "0.05", "--max-backoff", "0.2"])

@@ -3,8 +3,8 @@
 One confluent-kafka consumer (group ``concord-adapters-<backend>`` unless told otherwise) reads the
 ``commands.<system>`` topics it is given. For each record:
 
-1. decode it; bytes that are not a command are reported on stderr, counted (outcome
-   ``undecodable``) and skipped — no dead-letter topic is declared for commands yet;
+1. decode it; bytes that are not a command go to ``deadletter.commands.<system>`` with the original
+   bytes, topic, partition, offset and error (and are reported on stderr and counted as ``undecodable``);
 2. apply it through the target; transient failures (network, 429, 5xx) are retried with capped
    exponential backoff, the same command id as the idempotency key each time;
 3. a permanent rejection (4xx, invalid payload) becomes a ``command_rejected`` exception on
@@ -31,7 +31,7 @@ from streams.exceptions import ConcordError, DecodeError
 from streams.routing import Routing, load_routing
 from streams.rules import stable_id
 from streams.serde import Codec
-from streams.topics import commands_topic, exceptions_topic
+from streams.topics import commands_topic, deadletter_topic, exceptions_topic
 
 
 class AdapterError(ConcordError):
@@ -107,8 +107,9 @@ class Adapter:
             if name != "command":
                 raise DecodeError(f"a {name} record, not a command")
         except DecodeError as exc:
-            self._say(f"undecodable record at {origin.topic}[{origin.partition}]@{origin.offset}: {exc}; skipped "
-                      "(no dead-letter topic is declared for commands)")
+            self._dead_letter(origin, exc)
+            self._say(f"undecodable record at {origin.topic}[{origin.partition}]@{origin.offset}: {exc}; "
+                      f"dead-lettered to {deadletter_topic(origin.topic)}")
             return self._count("unknown", "undecodable")
         started = time.monotonic()
         try:
@@ -154,18 +155,38 @@ class Adapter:
         exc_rec["original"] = {"topic": origin.topic, "partition": origin.partition, "offset": origin.offset,
                                "key": origin.key, "value": origin.value or b""}
         topic = exceptions_topic(exc_rec["owner"])
+        self._publish(topic, exc_rec["exception_id"].encode(), self.codec.encode("exception", exc_rec, topic), (),
+                      f"the rejection of {rec['command_id']}")
+        self._say(f"rejected {rec['type']} {rec['command_id']} -> {topic} ({exc_rec['exception_id']}): {said}")
+
+    def _dead_letter(self, origin: Origin, exc: Exception) -> None:
+        """The undecodable record, with its original bytes and coordinates, on the topic's dead-letter twin."""
+        dl = {"original_topic": origin.topic, "original_partition": origin.partition,
+              "original_offset": origin.offset, "original_key": origin.key, "original_value": origin.value,
+              "stage": "decode", "error_type": type(exc).__name__, "error": str(exc),
+              "failed_at": int(time.time() * 1000)}
+        headers = (("concord-stage", b"decode"), ("concord-error", str(exc).encode()[:1000]),
+                   ("concord-src-topic", origin.topic.encode()),
+                   ("concord-src-partition", str(origin.partition).encode()),
+                   ("concord-src-offset", str(origin.offset).encode()))
+        self._publish(deadletter_topic(origin.topic), origin.key or b"", self.codec.encode("dead_letter", dl),
+                      headers, f"the dead letter of {origin.topic}[{origin.partition}]@{origin.offset}")
+
+    def _publish(self, topic: str, key: bytes, value: bytes, headers: Any, what: str) -> None:
+        """Produce one record and wait for the broker's acknowledgement; AdapterError (not committed) if none."""
         errors: list[Any] = []
         if self._producer is None:
             self._producer = Producer({"bootstrap.servers": self.bootstrap, "partitioner": "murmur2_random",
                                        "acks": "all", "linger.ms": 0})
-        self._producer.produce(topic, key=exc_rec["exception_id"].encode(),
-                               value=self.codec.encode("exception", exc_rec, topic),
-                               on_delivery=lambda err, _msg: errors.append(err) if err else None)
+        try:
+            self._producer.produce(topic, key=key, value=value, headers=list(headers),
+                                   on_delivery=lambda err, _msg: errors.append(err) if err else None)
+        except Exception as exc:  # noqa: BLE001 - a full queue or bad config: not committed either way
+            errors.append(exc)
         left = self._producer.flush(self.produce_timeout)
         if left or errors:
-            raise AdapterError(f"could not publish the rejection of {rec['command_id']} to {topic}: "
+            raise AdapterError(f"could not publish {what} to {topic}: "
                                f"{errors[0] if errors else 'not acknowledged'}; not committed")
-        self._say(f"rejected {rec['type']} {rec['command_id']} -> {topic} ({exc_rec['exception_id']}): {said}")
 
     def _count(self, ctype: str, outcome: str) -> str:
         ADAPTER_COMMANDS.labels(self.target.name, ctype, outcome).inc()
