@@ -172,7 +172,9 @@ def test_webhook_answers_200_only_once_the_record_is_on_the_topic(broker, server
     assert status == 200 and result["published"] == 1
     # no waiting: the acknowledgement came before the answer, so the high watermark has already moved
     after = end_offsets(broker.bootstrap_servers, [INVOICES])
-    assert sum(after.values()) == sum(since.values()) + 1
+    # more than before, not exactly one more: the embedded broker reports a partition's end as the start of
+    # its last batch + 1, so an earlier multi-record batch can make `since` read low
+    assert sum(after.values()) > sum(since.values())
     got = read_until(broker.bootstrap_servers, since,
                      lambda got: any(g.record and g.record["entity_id"] == f"in_{uid}" for g in got), timeout=15)
     [ev] = [g.record for g in got if g.record and g.record["entity_id"] == f"in_{uid}"]
