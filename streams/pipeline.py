@@ -90,13 +90,21 @@ class Pipeline:
         ref = [rec.topic, rec.partition, rec.offset, rec.value.hex() if rec.value else "", customer_key(event).decode()]
         incoming = guard.Incoming(event["seq"], event["event_id"], content_digest(event), event["seq_contiguous"],
                                   event["op"] == "snapshot", ref)
-        cursor, verdict = guard.admit(cursors.get(gkey), incoming, self.clock())
+        before = cursors.get(gkey) or {}
+        cursor, verdict = guard.admit(before or None, incoming, self.clock())
         cursor["p"] = rec.partition
         cursors[gkey] = cursor
         gapped = self.gapped.setdefault(rec.partition, set())
         (gapped.add if cursor["parked"] else gapped.discard)(gkey)
         if verdict.kind == guard.APPLY:
-            return [self._accepted(r) for r in verdict.release]
+            outs = [self._accepted(r) for r in verdict.release]
+            if len(verdict.release) > 1:  # the missing event arrived: the ones parked behind it go too
+                metrics.PARKED.dec(len(verdict.release) - 1)
+            if before.get("gap_exception") and not cursor.get("gap_exception"):  # the gap filled itself
+                outs += self._gap_filled(before, event, rec)
+            return outs
+        if verdict.kind == guard.PARK:
+            metrics.PARKED.inc()
         metrics.ORDERING_CONFLICTS.labels("gap" if verdict.kind == guard.PARK else verdict.kind).inc()
         outcome = "parked" if verdict.kind == guard.PARK else verdict.kind
         metrics.EVENTS.labels(rec.topic, outcome).inc()
@@ -126,8 +134,17 @@ class Pipeline:
             }
             topic, part, offset, value_hex, _ = first["ref"]
             outs += self._exception_outs(draft, now, (topic, part, offset, None, bytes.fromhex(value_hex)))
-            cursors[gkey] = {**cursor, "gap_exception": draft["exception_id"]}
+            cursors[gkey] = {**cursor, "gap_exception": draft["exception_id"], "gap_exception_at": now}
         return outs
+
+    def _gap_filled(self, before: dict[str, Any], event: dict[str, Any], rec: Record) -> list[Out]:
+        """The sequence_gap exception of a gap the late event filled: resolved without anyone's help."""
+        gone = {"exception_id": before["gap_exception"], "reason_code": "sequence_gap", "trace_id": event["trace_id"],
+                "source_system": event["source_system"], "entity_type": event["entity_type"],
+                "entity_id": event["entity_id"], "customer_id": event["customer_id"],
+                "opened_at": before.get("gap_exception_at") or self.clock(),
+                "message": f"resolved: seq {event['seq']} arrived and the parked events were applied in order"}
+        return self._resolved_outs(gone, self.clock(), (rec.topic, rec.partition, rec.offset, rec.key, rec.value))
 
     def release(self, gkey: bytes, cursors: MutableMapping[bytes, Any]) -> list[Out]:
         """Apply an entity's parked events in order without the missing ones (an owner's instruction)."""
@@ -136,6 +153,7 @@ class Pipeline:
             return []
         cursor, refs = guard.release_parked(cursor)
         cursors[gkey] = cursor
+        metrics.PARKED.dec(len(refs))
         self.gapped.get(cursor.get("p", -1), set()).discard(gkey)
         return [self._accepted(r) for r in refs]
 

@@ -174,6 +174,18 @@ def build_app(settings: Settings, pipeline: Pipeline | None = None) -> faust.App
                 escalating.add(key)
                 await send_all(pipeline.escalation(wire_record(rec), now))
 
+    @app.timer(interval=5.0)
+    async def measure_lag() -> None:
+        """concord_consumer_lag: records not yet consumed, per assigned input partition."""
+        tps = [tp for tp in app.consumer.assignment() if not tp.topic.endswith("-changelog")]
+        if not tps:
+            return
+        highs = await app.consumer.highwaters(*tps)
+        for tp in tps:
+            pos = await app.consumer.position(tp)
+            if pos is not None and tp in highs:
+                metrics.CONSUMER_LAG.labels(tp.topic, str(tp.partition)).set(max(0, highs[tp] - pos))
+
     @app.timer(interval=1.0)
     async def tick_guards() -> None:
         """Ask each guard partition to look for gaps that waited too long."""

@@ -121,3 +121,19 @@ def test_overdue_gap_raises_one_sequence_gap_exception_and_owner_can_release():
     h.run(h.pipeline.release(b"crm:deal:d1", h.cursors))
     assert h.calls == ["d1-1", "d1-4"]
     assert h.cursors[b"crm:deal:d1"]["parked"] == []
+
+
+def test_a_gap_that_fills_itself_resolves_its_exception():
+    h = Harness(now=10_000)
+    h.feed(CODEC.encode("change_event", event(1)))
+    h.feed(CODEC.encode("change_event", event(3)))
+    h.clock["now"] = 11_001
+    h.run(h.pipeline.tick(0, h.cursors))
+    [opened] = h.on(topics.exceptions_topic("revenue-ops"))
+    h.clock["now"] = 15_000
+    h.feed(CODEC.encode("change_event", event(2)))
+    assert h.calls == ["d1-1", "d1-2", "d1-3"]
+    closed = CODEC.decode(h.on(topics.exceptions_topic("revenue-ops"))[-1].value)[1]
+    assert closed["exception_id"] == CODEC.decode(opened.value)[1]["exception_id"]
+    assert closed["state"] == "resolved" and closed["resolution"]["by"] == "concord"
+    assert closed["opened_at"] == 11_001 and closed["updated_at"] == 15_000
