@@ -15,6 +15,7 @@ _ENV = {
     "app_id": "CONCORD_APP_ID",
     "web_host": "CONCORD_WEB_HOST",
     "web_port": "CONCORD_WEB_PORT",
+    "advertised_url": "CONCORD_ADVERTISED_URL",
     "store": "CONCORD_STORE",
     "data_dir": "CONCORD_DATA_DIR",
     "session_timeout_s": "CONCORD_SESSION_TIMEOUT_S",
@@ -39,6 +40,7 @@ class Settings(BaseModel):
     app_id: str = Field("concord", description="faust app id: consumer group and changelog topic prefix.")
     web_host: str = "127.0.0.1"
     web_port: int = Field(6066, ge=0, le=65535)
+    advertised_url: str | None = Field(None, description="how other workers reach this one (table routing)")
     store: str = Field("memory://", description="faust table store: memory:// or rocksdb://")
     data_dir: Path = Path(".concord")
     session_timeout_s: float = Field(8.0, gt=0)
