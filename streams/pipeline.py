@@ -6,7 +6,6 @@ methods, so the same topology runs in tests and benchmarks without a broker.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import time
@@ -17,6 +16,7 @@ from typing import Any
 from streams import guard, metrics, topics
 from streams.exceptions import DecodeError, ValidationError
 from streams.serde import Codec
+from streams.status import clone
 from streams.validate import validate_change
 
 SRC_TOPIC, SRC_PARTITION, SRC_OFFSET = "concord-src-topic", "concord-src-partition", "concord-src-offset"
@@ -176,7 +176,7 @@ class Pipeline:
         status = statuses.get(key)
         blocker = self._blocker(status, event["entity_type"], event["entity_id"])
         if blocker:  # a later event never overtakes the one an owner is fixing
-            status = copy.deepcopy(status)
+            status = clone(status)
             ref = f"{event['entity_type']}:{event['entity_id']}"
             status.setdefault("parked", {}).setdefault(ref, []).append([*src, rec.value.hex()])
             statuses[key] = status
@@ -206,7 +206,7 @@ class Pipeline:
                      if queue and not self._blocker(status, *ref.split(":", 1))]
             if not ready:
                 break
-            status = copy.deepcopy(status)
+            status = clone(status)
             topic, part, offset, value_hex = status["parked"][ready[0]].pop(0)
             if not status["parked"][ready[0]]:
                 del status["parked"][ready[0]]

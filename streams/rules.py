@@ -8,7 +8,6 @@ interleaving of the same per-entity histories ends in the same status and the sa
 
 from __future__ import annotations
 
-import copy
 import difflib
 import hashlib
 import json
@@ -20,8 +19,10 @@ from streams.flow_config import FlowConfig
 from streams.status import (
     COLLECTION,
     apply_event,
+    clone,
     customer_record,
     empty_status,
+    fork,
     invoice_paid,
     invoices_of,
     refresh_positions,
@@ -58,7 +59,7 @@ def command_id(*parts: str) -> str:
 def decide(status: dict[str, Any] | None, event: dict[str, Any], cfg: FlowConfig, now: int) -> Outcome:
     """Apply ``event`` to a copy of ``status`` and return the new status with what it causes."""
     key = event["customer_id"] or f"unknown:{event['entity_type']}:{event['entity_id']}"
-    st = copy.deepcopy(status) if status else empty_status(key)
+    st = fork(status) if status else empty_status(key)
     was_issued = bool(st["invoices"].get(event["entity_id"], {}).get("issued")) if event["entity_type"] == "invoice" \
         else True
     if not apply_event(st, event):
@@ -82,6 +83,7 @@ def settle(st: dict[str, Any], cfg: FlowConfig, now: int, event: dict[str, Any],
             out.facts.setdefault("suppressed_echo", []).append(cmd["command_id"])
             continue  # the source made this change because we asked; telling it again would loop
         by_entity = cmd.pop("caused_by_entity")
+        cmd["payload"] = json.dumps(cmd["payload"], sort_keys=True)  # only now: most warranted ones were issued
         out.commands.append({**cmd, "caused_by": sorted({event["event_id"], *by_entity}),
                              "trace_id": cmd["trace_id"] or event["trace_id"], "issued_at": now,
                              "source_occurred_at": event["occurred_at"]})
@@ -120,7 +122,7 @@ def act(status: dict[str, Any], action: dict[str, Any], cfg: FlowConfig, now: in
     Raises ValidationError, changing nothing, when the patch names a field the record does not have, a value of
     the wrong type or an unknown SKU, or when the replay still fails for the same reason.
     """
-    st = copy.deepcopy(status)
+    st = clone(status)
     eid = action["exception_id"]
     entry = st["exceptions"].get(eid)
     if entry is None:
@@ -459,7 +461,7 @@ def _command(ctype: str, target: str, st: dict[str, Any], entity_type: str, enti
     return {
         "command_id": command_id(ctype, target, entity_type, entity_id, *key), "type": ctype, "target_system": target,
         "customer_id": st["customer_id"], "entity_type": entity_type, "entity_id": entity_id,
-        "payload": json.dumps(payload, sort_keys=True), "trace_id": rec.get("trace_id"),
+        "payload": payload, "trace_id": rec.get("trace_id"),
         "caused_by_entity": [rec["event_id"]] if rec.get("event_id") else [],
     }
 

@@ -14,6 +14,29 @@ POSITIONS = ("sold", "scheduled", "completed", "invoiced", "paid")
 ISSUED_INVOICE = ("open", "paid", "uncollectible")
 
 
+def clone(obj: Any) -> Any:
+    """A deep copy of plain JSON data (dicts, lists, scalars), several times faster than copy.deepcopy."""
+    kind = type(obj)
+    if kind is dict:
+        return {k: clone(v) for k, v in obj.items()}
+    if kind is list:
+        return [clone(v) for v in obj]
+    return obj
+
+
+def fork(status: dict[str, Any]) -> dict[str, Any]:
+    """A copy of ``status`` that applying an event and deciding may change without touching the original.
+
+    Records themselves are never changed in place (they are replaced), so only the containers are copied:
+    far cheaper than a deep copy of a customer with many deals.
+    """
+    st = dict(status)
+    for name in ("deals", "jobs", "invoices", "payments", "seqs", "overrides", "discarded", "parked"):
+        st[name] = dict(status.get(name) or {})
+    st["exceptions"] = {k: dict(v) for k, v in status["exceptions"].items()}
+    return st
+
+
 def empty_status(customer_key: str) -> dict[str, Any]:
     """The status of a customer nothing is known about yet (``unknown:...`` keys have no customer id)."""
     return {
@@ -108,11 +131,16 @@ def invoice_paid(status: dict[str, Any], inv_id: str) -> bool:
 
 def refresh_positions(status: dict[str, Any]) -> None:
     """Set each deal's and job's position in sold → scheduled → completed → invoiced → paid."""
-    for job_id, job in status["jobs"].items():
-        job["position"] = _position(status, None, [job_id] if job.get("status") else [], job)
-    for deal_id, deal in status["deals"].items():
-        job_ids = [j for j, job in sorted(status["jobs"].items()) if job.get("deal_id") == deal_id]
-        deal["position"] = _position(status, deal_id, job_ids, deal)
+    jobs, deals = status["jobs"], status["deals"]
+    for job_id, job in list(jobs.items()):
+        pos = _position(status, None, [job_id] if job.get("status") else [], job)
+        if job.get("position") != pos:
+            jobs[job_id] = {**job, "position": pos}  # replaced, never changed in place (see fork)
+    for deal_id, deal in list(deals.items()):
+        job_ids = [j for j, job in sorted(jobs.items()) if job.get("deal_id") == deal_id]
+        pos = _position(status, deal_id, job_ids, deal)
+        if deal.get("position") != pos:
+            deals[deal_id] = {**deal, "position": pos}
 
 
 def _position(status: dict[str, Any], deal_id: str | None, job_ids: list[str], rec: dict[str, Any]) -> str:

@@ -9,6 +9,7 @@ from streams.flow_config import load_flow_config
 from streams.harness import InProcess
 from streams.rules import decide
 from streams.simulator import business
+from streams.status import clone
 
 CFG = load_flow_config()
 START = 1_767_225_600_000
@@ -77,7 +78,9 @@ def test_idempotence_applying_any_event_twice_changes_nothing(seed, customers):
     statuses = {}
     for e in history(seed, customers, {"missing_billing_account": 0.3, "unmapped_sku": 0.2}):
         key = e["customer_id"]
+        before = clone(statuses.get(key))
         once = decide(statuses.get(key), e, CFG, START)
+        assert statuses.get(key) == before, "decide must not change the status it was given"
         twice = decide(once.status, e, CFG, START)
         assert twice.status == once.status
         assert twice.commands == [] and twice.exceptions == [] and twice.resolved == []
