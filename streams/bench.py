@@ -40,7 +40,7 @@ def generate(n_deals: int, run: str, occurred_at: int | None = None) -> tuple[li
         cid = f"{run}-c{c}"
         rec = _event(f"{cid}-1", "crm", "customer", cid, cid, 1, now, {
             "name": f"Customer {c}", "email": f"billing@{cid}.example", "billing_account_id": f"acct_{cid}",
-            "billing_terms": "net30", "billing_policy": "bill_on_close", "billing_address": "1 Main St",
+            "billing_terms": "net_30", "billing_policy": "on_close", "billing_address": "1 Main St",
             "external_ids": {}})
         setup.append((topics.changes_topic("crm", "customer"), cid.encode(), codec.encode("change_event", rec)))
     deals = []
@@ -140,11 +140,14 @@ def wait_for_commands(bootstrap: str, n: int, timeout: float, since: dict[int, i
                 if m.error():
                     continue
                 t = time.time()
+                cmd = codec.decode(m.value())[1]
+                if cmd["type"] != "create_invoice":
+                    continue  # the customers' update_customer commands are not what is measured
                 first = first or t
                 last = t
                 got += 1
                 if latencies is not None:
-                    latencies.append(t * 1000 - codec.decode(m.value())[1]["source_occurred_at"])
+                    latencies.append(t * 1000 - cmd["source_occurred_at"])
     finally:
         c.close()
     if got < n:
