@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
 from collections.abc import Callable, Sequence
 
@@ -36,6 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``concord`` command; returns the process exit status."""
     parser = build_parser()
@@ -44,6 +49,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if func is None:
         parser.print_help(sys.stderr)
         return 2
+    # SIGTERM unwinds like Ctrl-C, so every broker and worker a command started is stopped on the way out
+    # (`concord run` replaces this with faust's own handlers).
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         return int(func(args) or 0)
     except KeyboardInterrupt:
