@@ -107,8 +107,14 @@ def _trace(args: argparse.Namespace) -> int:
         c.assign([TopicPartition(t, p, 0) for (t, p) in ends])
         left = {tp for tp, end in ends.items() if end > 0}
         seen = 0
-        while left:
-            for m in c.consume(1000, 1.0):
+        quiet_since = None
+        # Past the reported ends, read on until a second passes with nothing new: some brokers (the embedded
+        # one) report a partition's end as the start of its last batch + 1.
+        while left or quiet_since is None or time.monotonic() - quiet_since < 1.0:
+            batch = c.consume(1000, 0.5)
+            if not left and not batch:
+                quiet_since = quiet_since or time.monotonic()
+            for m in batch:
                 if m.error():
                     continue
                 seen += 1

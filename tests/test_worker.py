@@ -218,6 +218,17 @@ def test_exception_lifecycle_sla_escalation_resolution_replay_and_release(broker
                                         "--json"], capture_output=True, text=True, timeout=30).stdout)
     assert status["deals"][deal]["name"] == "later change" and status["exceptions"] == {}
 
+    trace = subprocess.run([sys.executable, "-m", "streams.cli", "trace", f"trace:deal:{deal}", "--bootstrap", bs],
+                           capture_output=True, text=True, timeout=120)
+    assert trace.returncode == 0, trace.stderr
+    chain = trace.stdout.splitlines()
+    assert any("decision" in ln and " parked" in ln for ln in chain)
+    assert any("exception missing_billing_account escalated" in ln for ln in chain)
+    assert any("exception missing_billing_account resolved" in ln and "by revenue-ops:ana" in ln for ln in chain)
+    assert any("command   create_invoice -> billing" in ln for ln in chain)
+    assert [i for i, ln in enumerate(chain) if "escalated" in ln][0] < [
+        i for i, ln in enumerate(chain) if "create_invoice" in ln][0], "printed in time order"
+
     again = cli(worker, "resolve", eid, "--set", f"billing_account_id=cus_{uid}")
     assert again.returncode == 1 and "409" in again.stderr, "resolving twice is refused and changes nothing"
 
