@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from confluent_kafka import Consumer, Producer, TopicPartition
 
 from streams import topics
+from streams.report import end_offsets  # noqa: F401 - re-exported for the tests
 from streams.serde import Codec
 
 CODEC = Codec()
@@ -26,17 +27,6 @@ class Got:
     value: bytes | None
     headers: dict[str, bytes]
     record: dict | None
-
-
-def end_offsets(bootstrap: str, names: list[str]) -> dict[tuple[str, int], int]:
-    """High watermarks of every partition of ``names``."""
-    c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"offsets-{uuid.uuid4().hex[:6]}"})
-    try:
-        md = c.list_topics(timeout=10)
-        return {(t, p): c.get_watermark_offsets(TopicPartition(t, p), timeout=10)[1]
-                for t in names for p in md.topics[t].partitions}
-    finally:
-        c.close()
 
 
 def read_until(bootstrap: str, since: dict[tuple[str, int], int], done: Callable[[list[Got]], bool],
