@@ -9,6 +9,7 @@ only once the broker acknowledged, so a failed publish is retried rather than dr
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -28,6 +29,24 @@ MAPPERS = {"salesforce": salesforce, "hubspot": hubspot, "stripe": stripe_events
            "jobber": jobber, "canonical": canonical}
 assert set(MAPPERS) | {"csv"} == set(INGEST_SOURCES)
 
+# Kafka's default largest message is about 1 MB (broker message.max.bytes 1048588, librdkafka 1000000); a canonical
+# event carries its native record's bytes, so a native record over this limit is dead-lettered instead of published.
+DEFAULT_MAX_RECORD_BYTES = 900_000
+# What a dead letter of an oversized record keeps of it: the limit less room for the rest of the record and headers.
+_DEADLETTER_OVERHEAD = 16_384
+
+# `concord ingest` exit statuses.
+EXIT_OK, EXIT_BROKER, EXIT_UNREADABLE, EXIT_REJECTED = 0, 1, 2, 3
+
+
+def max_record_bytes() -> int:
+    """The largest native record Concord publishes (CONCORD_MAX_RECORD_BYTES, default 900 KB)."""
+    raw = os.environ.get("CONCORD_MAX_RECORD_BYTES")
+    try:
+        return int(raw) if raw else DEFAULT_MAX_RECORD_BYTES
+    except ValueError:
+        raise SystemExit(f"CONCORD_MAX_RECORD_BYTES={raw!r} is not a number of bytes") from None
+
 
 @dataclass
 class DeadLetter:
@@ -35,6 +54,14 @@ class DeadLetter:
 
     key: bytes | None
     record: dict[str, Any]
+    where: str = ""  # which input and item, for messages ("events.jsonl item 3 (line 3)")
+    headers: list[tuple[str, bytes]] = field(default_factory=list)
+
+    @property
+    def message(self) -> str:
+        rid = self.record["original_key"]
+        record = f" record {rid.decode(errors='replace')}" if rid else ""
+        return f"{self.where}{record}: {self.record['stage']} ({self.record['error_type']}): {self.record['error']}"
 
 
 @dataclass
@@ -80,26 +107,32 @@ class Deduper:
                     f.write("".join(k + "\n" for k in new))
 
 
-def split_json(data: bytes, keep_arrays: bool = False) -> list[tuple[bytes, Any]]:
-    """Native records with their own original bytes: one JSON document (an array's items) or JSON lines.
-
-    An item that does not parse comes back as a ``BadInput`` in place of the record.
-    """
-    text = data.decode("utf-8", errors="replace")
+def _parse_line(line: bytes) -> Any:
     try:
+        return json.loads(line.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        return c.BadInput(f"not UTF-8 text: {exc}")
+    except ValueError as exc:
+        return c.BadInput(f"not JSON: {exc}")
+
+
+def split_units(data: bytes, keep_arrays: bool = False) -> list[tuple[bytes, Any, int]]:
+    """Like ``split_json``, with the line each item starts on (1-based)."""
+    if not data.strip():
+        return [(data, c.BadInput("empty input: no records"), 1)]
+    try:
+        text = data.decode("utf-8")
         doc = json.loads(text)
-    except ValueError:
-        out: list[tuple[bytes, Any]] = []
-        for ln in text.splitlines():
-            if not ln.strip():
-                continue
-            try:
-                out.append((ln.encode(), json.loads(ln)))
-            except ValueError as exc:
-                out.append((ln.encode(), c.BadInput(f"not JSON: {exc}")))
-        return out
+    except ValueError as exc:  # UnicodeDecodeError is a ValueError
+        lines = [(n, ln) for n, ln in enumerate(data.splitlines(), 1) if ln.strip()]
+        parsed = [(n, ln, _parse_line(ln)) for n, ln in lines]
+        if len(parsed) > 1 and any(isinstance(p, dict | list) for _, _, p in parsed):
+            return [(ln, p, n) for n, ln, p in parsed]  # JSON lines, some of them bad
+        # one document that does not parse (truncated, not JSON, not UTF-8): one dead letter with all its bytes
+        what = "not UTF-8 text" if isinstance(exc, UnicodeDecodeError) else "not JSON (truncated or malformed)"
+        return [(data, c.BadInput(f"{what}: {exc}"), 1)]
     if not isinstance(doc, list) or keep_arrays:
-        return [(data, doc)]
+        return [(data, doc, 1)]
     dec = json.JSONDecoder()
     items, i = [], text.index("[") + 1
     while True:
@@ -108,42 +141,77 @@ def split_json(data: bytes, keep_arrays: bool = False) -> list[tuple[bytes, Any]
         if i >= len(text) or text[i] == "]":
             break
         obj, end = dec.raw_decode(text, i)
-        items.append((text[i:end].encode(), obj))
+        items.append((text[i:end].encode(), obj, text.count("\n", 0, i) + 1))
         i = end
     return items
 
 
+def split_json(data: bytes, keep_arrays: bool = False) -> list[tuple[bytes, Any]]:
+    """Native records with their own original bytes: one JSON document (an array's items) or JSON lines.
+
+    An item that does not parse comes back as a ``BadInput`` in place of the record; so does a whole input
+    that is neither (a truncated document, bytes that are not UTF-8), with all its bytes.
+    """
+    return [(raw, rec) for raw, rec, _ in split_units(data, keep_arrays)]
+
+
+def oversized(source: str, raw: bytes, limit: int, key: str | None, ctx: c.Context, where: str = "") -> DeadLetter:
+    """The dead letter of a record over the size limit: as much of its bytes as fits, with their sha256 and size."""
+    keep = max(0, limit - _DEADLETTER_OVERHEAD)
+    digest = hashlib.sha256(raw).hexdigest()
+    dl = _deadletter(source, raw[:keep], "normalize", "TooLarge",
+                     f"record is {len(raw)} bytes, over the {limit}-byte limit (CONCORD_MAX_RECORD_BYTES); "
+                     f"original_value holds its first {min(keep, len(raw))} bytes; sha256 {digest}", key, ctx, where)
+    dl.headers = [("concord-original-size", str(len(raw)).encode()), ("concord-original-sha256", digest.encode())]
+    return dl
+
+
 def _deadletter(source: str, raw: bytes, stage: str, error_type: str, error: str, key: str | None,
-                ctx: c.Context) -> DeadLetter:
+                ctx: c.Context, where: str = "") -> DeadLetter:
     return DeadLetter(key.encode() if key else None, {
         "original_topic": f"ingest.{source}", "original_partition": -1, "original_offset": -1,
         "original_key": key.encode() if key else None, "original_value": raw, "stage": stage,
-        "error_type": error_type, "error": error, "failed_at": ctx.clock()})
+        "error_type": error_type, "error": error, "failed_at": ctx.clock()}, where)
 
 
 def normalize(source: str, data: bytes, ctx: c.Context, dedupe: Deduper | None = None, name: str = "",
               units: list[tuple[bytes, Any]] | None = None) -> Batch:
-    """Map ``data`` (or pre-split ``units``) from ``source`` to events and dead letters; drop duplicates."""
+    """Map ``data`` (or pre-split ``units``) from ``source`` to events and dead letters; drop duplicates.
+
+    Nothing is dropped without a record: an item that does not parse, breaks the contract or is over
+    ``max_record_bytes()`` becomes a dead letter (``DeadLetter.where`` names ``name`` and the item).
+    """
     batch = Batch(source)
-    outcomes: list[tuple[bytes, c.Outcome]] = []
+    limit = max_record_bytes()
+    label = name or source
+    outcomes: list[tuple[bytes, c.Outcome, str]] = []
     if source == "csv":
         try:
-            outcomes.append((data, csv_import.map_file(data, ctx, name)))
+            outcomes.append((data, csv_import.map_file(data, ctx, name), label))
         except (c.BadInput, UnicodeDecodeError) as exc:
-            batch.deadletters.append(_deadletter(source, data, "normalize", type(exc).__name__, str(exc), name, ctx))
+            batch.deadletters.append(_deadletter(source, data, "normalize", type(exc).__name__, str(exc), name, ctx,
+                                                 label))
     else:
         mapper = MAPPERS[source]
-        for raw, rec in units if units is not None else split_json(data, keep_arrays=source == "hubspot"):
+        split = [(r, rec, 0) for r, rec in units] if units is not None else \
+            split_units(data, keep_arrays=source == "hubspot")
+        for n, (raw, rec, line_no) in enumerate(split, 1):
+            where = label if len(split) == 1 and units is None and line_no <= 1 else \
+                f"{label} item {n}" + (f" (line {line_no})" if line_no else "")
+            if len(raw) > limit:
+                rid = rec.get("id") if isinstance(rec, dict) and isinstance(rec.get("id"), str) else None
+                batch.deadletters.append(oversized(source, raw, limit, rid, ctx, where))
+                continue
             try:
                 if isinstance(rec, c.BadInput):
                     raise rec
-                outcomes.append((raw, mapper.map_record(rec, raw, ctx)))
+                outcomes.append((raw, mapper.map_record(rec, raw, ctx), where))
             except c.BadInput as exc:
                 batch.deadletters.append(_deadletter(source, exc.raw or raw, "normalize", "BadInput", str(exc),
-                                                     exc.record_id, ctx))
+                                                     exc.record_id, ctx, where))
             except (KeyError, TypeError, ValueError, AttributeError) as exc:  # shapes the mapper did not expect
                 batch.deadletters.append(_deadletter(source, raw, "normalize", type(exc).__name__,
-                                                     f"unexpected record shape: {exc}", None, ctx))
+                                                     f"unexpected record shape: {exc}", None, ctx, where))
     seen_now: set[str] = set()
 
     def fresh(key: str) -> bool:
@@ -154,19 +222,22 @@ def normalize(source: str, data: bytes, ctx: c.Context, dedupe: Deduper | None =
         batch.dedupe_keys.append(key)
         return True
 
-    for raw, out in outcomes:
+    for raw, out, where in outcomes:
         batch.skipped += out.skipped
         for exc in out.rejected:
             batch.deadletters.append(_deadletter(source, exc.raw or raw, "normalize", "BadInput", str(exc),
-                                                 exc.record_id, ctx))
+                                                 exc.record_id, ctx, where))
         for rr in out.rereads:
             if fresh(rr.dedupe_key):
                 msg = (f"needs re-read: {rr.source} {rr.change_type} for {rr.entity_type} "
                        f"{', '.join(rr.entity_ids)}: {rr.reason}")
                 batch.deadletters.append(_deadletter(source, rr.raw or raw, "gap", "NeedsReread", msg,
-                                                     rr.entity_ids[0] if rr.entity_ids else None, ctx))
+                                                     rr.entity_ids[0] if rr.entity_ids else None, ctx, where))
         for m in out.events:
-            if fresh(m.dedupe_key):
+            payload = m.event.get("source_payload") or b""
+            if len(payload) > limit:  # e.g. a CSV row; JSON records were checked whole above
+                batch.deadletters.append(oversized(source, payload, limit, m.event["entity_id"], ctx, where))
+            elif fresh(m.dedupe_key):
                 batch.events.append(m)
     return batch
 
@@ -195,37 +266,54 @@ class Publisher:
                                   "linger.ms": int(os.environ.get("CONCORD_PRODUCER_LINGER_MS", "5")),
                                   "message.timeout.ms": int(timeout_s * 1000)})
 
-    def publish(self, batch: Batch) -> None:
-        """Produce every event and dead letter of ``batch``; raise PublishError unless all were acknowledged."""
+    def publish(self, batch: Batch) -> list[tuple[str, int, int]]:
+        """Produce every event and dead letter of ``batch``; raise PublishError unless all were acknowledged.
+
+        Returns where each landed, ``(topic, partition, offset)``: the events in order, then the dead letters.
+        """
+        from confluent_kafka import KafkaException
+
         errors: list[str] = []
-        acked = [0]
-
-        def done(err: Any, msg: Any) -> None:
-            if err is not None:
-                errors.append(f"{msg.topic()}: {err}")
-            else:
-                acked[0] += 1
-
-        sent = 0
+        records: list[tuple[str, bytes, bytes, list[tuple[str, bytes]]]] = []
         for m in batch.events:
             headers = [("concord-trace-id", m.event["trace_id"].encode()), ("concord-source", batch.source.encode())]
             if m.candidates:
                 headers.append(("concord-customer-candidates", json.dumps(m.candidates).encode()))
-            self.producer.produce(m.topic, key=m.event["entity_id"].encode(),
-                                  value=self.codec.encode("change_event", m.event, m.topic), headers=headers,
-                                  on_delivery=done)
-            sent += 1
+            records.append((m.topic, m.event["entity_id"].encode(),
+                            self.codec.encode("change_event", m.event, m.topic), headers))
         for d in batch.deadletters:
             topic = deadletter_topic(d.record["original_topic"])
-            self.producer.produce(topic, key=d.key or b"", value=self.codec.encode("dead_letter", d.record, topic),
-                                  headers=[("concord-stage", d.record["stage"].encode()),
-                                           ("concord-error-type", d.record["error_type"].encode()),
-                                           ("concord-error", d.record["error"][:1000].encode())], on_delivery=done)
-            sent += 1
+            records.append((topic, d.key or b"", self.codec.encode("dead_letter", d.record, topic),
+                            [("concord-stage", d.record["stage"].encode()),
+                             ("concord-error-type", d.record["error_type"].encode()),
+                             ("concord-error", d.record["error"][:1000].encode()), *d.headers]))
+        landed: list[tuple[str, int, int] | None] = [None] * len(records)
+
+        def done(i: int) -> Any:
+            def cb(err: Any, msg: Any) -> None:
+                if err is not None:
+                    errors.append(f"{msg.topic()}: {err}")
+                else:
+                    landed[i] = (msg.topic(), msg.partition(), msg.offset())
+            return cb
+
+        for i, (topic, key, value, headers) in enumerate(records):
+            while True:
+                try:
+                    self.producer.produce(topic, key=key, value=value, headers=headers, on_delivery=done(i))
+                    break
+                except BufferError:
+                    self.producer.poll(0.1)
+                except KafkaException as exc:  # e.g. larger than the producer's message.max.bytes
+                    errors.append(f"{topic}: {exc}")
+                    break
+            self.producer.poll(0)
         remaining = self.producer.flush(self.timeout_s + 5)
-        if remaining or errors or acked[0] < sent:
-            raise PublishError(f"{sent - acked[0]} of {sent} records not acknowledged"
+        acked = [p for p in landed if p is not None]
+        if remaining or errors or len(acked) < len(records):
+            raise PublishError(f"{len(records) - len(acked)} of {len(records)} records not acknowledged"
                                + (f": {errors[0]}" if errors else ""))
+        return acked
 
     def close(self) -> None:
         self.producer.flush(5)
@@ -243,19 +331,39 @@ def _read(path: str) -> bytes:
     return sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()
 
 
+def _say_deadletters(b: Batch, published: bool) -> None:
+    topic = deadletter_topic(f"ingest.{b.source}")
+    for d in b.deadletters:
+        kind = "error" if d.record["stage"] == "normalize" else "needs re-read"
+        fate = f"dead-lettered to {topic}" if published else f"would be dead-lettered to {topic}"
+        print(f"concord ingest: {kind}: {d.message} ({fate})", file=sys.stderr)
+
+
+def _status(unreadable: int, rejected: int) -> int:
+    return EXIT_UNREADABLE if unreadable else EXIT_REJECTED if rejected else EXIT_OK
+
+
 def run(args: argparse.Namespace) -> int:
-    """The ``concord ingest`` command."""
+    """The ``concord ingest`` command.
+
+    Exit status: 0 every record published (or a duplicate, or a re-read notice); 1 the broker did not acknowledge;
+    2 a file could not be read (the others were still processed); 3 some items were rejected and dead-lettered
+    (the rest were published).
+    """
     identity = IdentityMap(args.identity)
     ctx = c.Context(identity=identity, settings={"tables": json.loads(args.tables)} if args.tables else {})
     dedupe = Deduper(args.dedupe_file)
     batches = []
+    unreadable = 0
     for path in args.files:
         try:
             data = _read(path)
         except OSError as exc:
-            print(f"concord ingest: cannot read {path}: {exc}", file=sys.stderr)
-            return 2
-        batches.append(normalize(args.source, data, ctx, dedupe, name=os.path.basename(path)))
+            print(f"concord ingest: error: cannot read {path}: {exc}", file=sys.stderr)
+            unreadable += 1
+            continue
+        batches.append(normalize(args.source, data, ctx, dedupe, name="stdin" if path == "-" else path))
+    rejected = sum(b.rejected for b in batches)
     if args.dry_run:
         for b in batches:
             for m in b.events:
@@ -263,12 +371,12 @@ def run(args: argparse.Namespace) -> int:
                 if m.candidates:
                     doc["customer_candidates"] = m.candidates
                 print(c.json_dumps(doc))
-            for d in b.deadletters:
-                print(f"concord ingest: {d.record['stage']}: {d.record['error']}", file=sys.stderr)
+            _say_deadletters(b, False)
             count(b, published=False)
         print(f"concord ingest: {summary(batches, False)}", file=sys.stderr)
-        return 0
-    return _publish(args, batches, identity, dedupe)
+        return _status(unreadable, rejected)
+    rc = _publish(args, batches, identity, dedupe)
+    return rc if rc else _status(unreadable, rejected)
 
 
 def _publish(args: argparse.Namespace, batches: list[Batch], identity: IdentityMap, dedupe: Deduper) -> int:
@@ -288,26 +396,25 @@ def _publish(args: argparse.Namespace, batches: list[Batch], identity: IdentityM
                 ensure_topics(bootstrap, [*CHANGES, *INGEST_DEADLETTERS], timeout=args.timeout)
             except Exception as exc:
                 print(f"concord ingest: broker at {bootstrap} did not answer: {exc}", file=sys.stderr)
-                return 1
+                return EXIT_BROKER
         pub = Publisher(bootstrap, timeout_s=args.timeout)
         failed, acked = 0, []
         for b in batches:
-            for d in b.deadletters:
-                print(f"concord ingest: {d.record['stage']}: {d.record['error']}", file=sys.stderr)
             try:
                 pub.publish(b)
             except PublishError as exc:
                 failed += 1
                 print(f"concord ingest: error: {exc}", file=sys.stderr)
                 continue
+            _say_deadletters(b, True)
             dedupe.remember(b.dedupe_keys)
             count(b)
             acked.append(b)
         identity.save()
         print(f"concord ingest: {summary(acked, True)}"
               + (f"; {failed} input(s) not acknowledged by the broker" if failed else ""), file=sys.stderr)
-        return 1 if failed else 0
-    return 1  # pragma: no cover - ExitStack does not swallow
+        return EXIT_BROKER if failed else EXIT_OK
+    return EXIT_BROKER  # pragma: no cover - ExitStack does not swallow
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -315,8 +422,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("ingest", help="normalize native feeds (files or stdin) and publish canonical change events",
                        description="Read native records (JSON, JSON lines, CSV; '-' for stdin), map them to canonical "
                        "change events and publish them to changes.<system>.<entity>; bad input goes to "
-                       "deadletter.ingest.<source>. Prints published / duplicate / rejected to stderr; exits 1 "
-                       "if the broker did not acknowledge.")
+                       "deadletter.ingest.<source>. Prints published / duplicate / rejected to stderr, and each "
+                       "rejected item with its file and position. Exit status: 0 all published; 1 the broker did not "
+                       "acknowledge; 2 a file could not be read; 3 some items were rejected (dead-lettered). Records "
+                       "over CONCORD_MAX_RECORD_BYTES (default 900000) are dead-lettered, not published.")
     p.add_argument("--source", required=True, choices=INGEST_SOURCES, help="the feed's format")
     p.add_argument("files", nargs="+", metavar="FILE", help="input files; '-' reads stdin")
     p.add_argument("--dry-run", action="store_true", help="print canonical events as JSON lines, publish nothing")

@@ -10,6 +10,8 @@ Accepted shapes: a CometD / Streaming API message (``{"data": {"payload": ..., "
 - ``GAP_*`` and ``GAP_OVERFLOW`` events and wildcard record ids carry no field data: they map to a
   ``Reread`` (the ingest command dead-letters it with stage ``gap``), never to a guessed change.
 - ``changeOrigin`` ``...;client=concord:<command_id>`` marks the echo of a Concord command.
+- Opportunity products: the ``Line_Items__c`` long-text field (a JSON array of OpportunityLineItem fields,
+  kept current by a flow) becomes the deal's lines; OpportunityLineItem change events are not mapped yet.
 - UPDATE events carry only the changed fields; the payload then holds those (others at defaults),
   ``changed_fields`` names the Concord fields that really changed. An update that does not carry the
   record's state field (Account ``Name``, Opportunity ``StageName``) has a null payload.
@@ -34,7 +36,7 @@ ACCOUNT_FIELDS = {"Name": "name", "Email__c": "email", "Billing_Account_Id__c": 
                   "BillingAddress": "billing_address", "Dispatch_Account_Id__c": "external_ids"}
 OPPORTUNITY_FIELDS = {"Name": "name", "StageName": "stage", "Amount": "amount_cents", "CurrencyIsoCode": "currency",
                       "CloseDate": "closed_at", "IsWon": "stage", "IsClosed": "stage",
-                      "Billing_Status__c": "billing_status"}
+                      "Billing_Status__c": "billing_status", "Line_Items__c": "lines"}
 
 
 def _unwrap(record: dict[str, Any]) -> tuple[dict[str, Any], int | None]:
@@ -76,13 +78,33 @@ def _customer_payload(body: dict[str, Any], present: set[str]) -> dict[str, Any]
                       {"dispatch": body.get("Dispatch_Account_Id__c"), "billing": body.get("Billing_Account_Id__c")})
 
 
+def _lines(value: Any) -> list[dict[str, Any]]:
+    """The deal lines of ``Line_Items__c``.
+
+    The field holds the opportunity's products as a JSON array of OpportunityLineItem fields (``ProductCode``,
+    ``Quantity``, ``UnitPrice`` in major units, ``Description``), kept current by a flow.
+    """
+    if value in (None, ""):
+        return []
+    try:
+        items = json.loads(value) if isinstance(value, str) else value
+    except ValueError:
+        raise c.BadInput("Line_Items__c is not JSON") from None
+    if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
+        raise c.BadInput("Line_Items__c is not a JSON array of line items")
+    return [c.line(c.require(i, "ProductCode", what="Line_Items__c[].ProductCode"), i.get("Quantity", 1),
+                   c.to_cents(i.get("UnitPrice"), "Line_Items__c[].UnitPrice"), i.get("Description") or "")
+            for i in items]
+
+
 def _deal_payload(body: dict[str, Any], present: set[str]) -> dict[str, Any] | None:
     stage = _stage(body)
     if stage is None:
         return None
     closed_at = c.to_ms(body.get("CloseDate"), "CloseDate") if stage != "open" else None
     return c.deal(stage, body.get("Name") or "", c.to_cents(body.get("Amount"), "Amount"),
-                  body.get("CurrencyIsoCode") or "USD", [], closed_at, body.get("Billing_Status__c"))
+                  body.get("CurrencyIsoCode") or "USD", _lines(body.get("Line_Items__c")), closed_at,
+                  body.get("Billing_Status__c"))
 
 
 def map_record(record: Any, raw: bytes, ctx: c.Context) -> c.Outcome:

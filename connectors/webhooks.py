@@ -11,7 +11,12 @@
 - maps the body like ``concord ingest``; a body it cannot parse is dead-lettered, then answered 400;
 - answers 200 (with a JSON summary) only after the broker acknowledged every record, duplicates
   included (they are acknowledged without publishing); 503 when the broker did not acknowledge, so
-  the vendor retries.
+  the vendor retries;
+- a body over ``CONCORD_MAX_RECORD_BYTES`` (default 900 KB, under Kafka's default 1 MB message limit) is
+  verified, dead-lettered with as much of its bytes as fits plus their sha256 and size, and answered 413;
+  a body over ``HARD_CAP`` (16 MB) is not even verified: 413, counted and logged, nothing written;
+- rejected requests (401, 413) are logged on ``concord.webhooks`` with the body's sha256 and size, never its
+  bytes (an unauthenticated body does not go to Kafka).
 
 ``GET /metrics`` serves Prometheus metrics, ``GET /healthz`` answers ok.
 """
@@ -20,7 +25,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import hmac
+import json
+import logging
 import os
 from typing import Any
 
@@ -30,10 +38,29 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from connectors import common as c
 from connectors import hubspot, jobber, salesforce, stripe_events
 from connectors.identity import DEFAULT_PATH, IdentityMap
-from connectors.ingest import Deduper, Publisher, PublishError, count, normalize
+from connectors.ingest import Batch, Deduper, Publisher, PublishError, count, max_record_bytes, normalize, oversized
 from streams import metrics
+from streams.topics import deadletter_topic
 
 MAPPERS = {"stripe": stripe_events, "hubspot": hubspot, "salesforce": salesforce, "jobber": jobber}
+HARD_CAP = 16 * 1024 * 1024  # bodies up to this are read whole (to verify them); larger ones are refused unread
+log = logging.getLogger("concord.webhooks")
+
+
+async def read_capped(request: web.Request, cap: int) -> tuple[bytes, int, str]:
+    """The body's first ``cap`` bytes, its full size and its sha256, without holding more than ``cap`` bytes."""
+    kept, size, digest = bytearray(), 0, hashlib.sha256()
+    async for chunk in request.content.iter_chunked(64 * 1024):
+        size += len(chunk)
+        digest.update(chunk)
+        if len(kept) < cap:
+            kept += chunk[:cap - len(kept)]
+    return bytes(kept), size, digest.hexdigest()
+
+
+def _refused(source: str, request: web.Request, status: int, error: str, size: int, sha256: str) -> None:
+    log.warning(json.dumps({"event": "webhook_refused", "source": source, "status": status, "error": error,
+                            "remote": request.remote, "size": size, "sha256": sha256}))
 
 
 class Unauthorized(Exception):
@@ -76,17 +103,27 @@ def make_app(bootstrap: str, identity: IdentityMap | None = None, dedupe: Dedupe
         source = request.match_info["source"]
         if source not in MAPPERS:
             return web.json_response({"error": f"no webhook for {source!r}"}, status=404)
-        body = await request.read()
+        limit = max_record_bytes()
+        body, size, sha256 = await read_capped(request, max(HARD_CAP, limit))
+        if size > len(body):
+            metrics.INGESTED.labels(source, "too_large").inc()
+            error = f"body is {size} bytes, over the {max(HARD_CAP, limit)}-byte cap: not read, not stored"
+            _refused(source, request, 413, error, size, sha256)
+            return web.json_response({"error": error, "size": size, "sha256": sha256, "limit": limit}, status=413)
         try:
             verify(source, request, body, secrets)
         except Unauthorized as exc:
             metrics.INGESTED.labels(source, "unauthorized").inc()
+            _refused(source, request, 401, str(exc), size, sha256)
             return web.json_response({"error": str(exc)}, status=401)
-        try:
-            record: Any = MAPPERS[source].parse(body)
-        except ValueError as exc:
-            record = c.BadInput(f"body is not JSON: {exc}")
-        batch = normalize(source, body, ctx, dedupe, units=[(body, record)])
+        if size > limit:
+            batch = Batch(source, deadletters=[oversized(source, body, limit, None, ctx, f"POST /webhooks/{source}")])
+        else:
+            try:
+                record: Any = MAPPERS[source].parse(body)
+            except ValueError as exc:
+                record = c.BadInput(f"body is not JSON: {exc}")
+            batch = normalize(source, body, ctx, dedupe, units=[(body, record)], name=f"POST /webhooks/{source}")
         try:
             await asyncio.get_running_loop().run_in_executor(None, publisher.publish, batch)
         except PublishError as exc:
@@ -95,11 +132,17 @@ def make_app(bootstrap: str, identity: IdentityMap | None = None, dedupe: Dedupe
         count(batch)
         if ctx.identity is not None:
             ctx.identity.save()
-        result = {"published": len(batch.events), "duplicate": batch.duplicates, "rejected": batch.rejected,
-                  "needs_reread": batch.gaps, "skipped": batch.skipped}
+        result: dict[str, Any] = {"published": len(batch.events), "duplicate": batch.duplicates,
+                                  "rejected": batch.rejected, "needs_reread": batch.gaps, "skipped": batch.skipped}
+        if size > limit:
+            error = batch.deadletters[0].record["error"]
+            _refused(source, request, 413, error, size, sha256)
+            return web.json_response({**result, "error": error, "size": size, "sha256": sha256, "limit": limit,
+                                      "dead_letter_topic": deadletter_topic(f"ingest.{source}")}, status=413)
         unusable = batch.rejected and not (batch.events or batch.duplicates or batch.gaps or batch.skipped)
         if unusable:
             result["error"] = batch.deadletters[0].record["error"]
+            result["dead_letter_topic"] = deadletter_topic(f"ingest.{source}")
         return web.json_response(result, status=400 if unusable else 200)
 
     async def metrics_page(request: web.Request) -> web.Response:
