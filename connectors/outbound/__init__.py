@@ -2,5 +2,6 @@
 
 ``consumer.py`` runs the loop (decode, dispatch, retry, reject to ``exceptions.<owner>``, commit);
 ``base.py`` is the Target interface every backend implements; ``sandbox.py`` (SQLite / PostgreSQL),
-``stripe_target.py`` and ``http_target.py`` are the backends; ``cli.py`` adds ``concord adapters``.
+``stripe_target.py`` (billing), ``salesforce_target.py`` and ``hubspot_target.py`` (CRM) and ``http_target.py``
+are the backends; ``cli.py`` adds ``concord adapters``.
 """

@@ -1,4 +1,4 @@
-"""``concord adapters``: run the command consumers against a sandbox database, Stripe or an HTTP receiver."""
+"""``concord adapters``: run the command consumers against a sandbox database, Stripe, Salesforce, HubSpot or HTTP."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ from connectors.outbound.base import FatalError, Target
 from connectors.outbound.consumer import Adapter, AdapterError, RetryPolicy
 from streams.topics import COMMANDS, EXCEPTIONS, TARGET_SYSTEMS
 
-BACKENDS = ("sandbox", "stripe", "http")
-# Which command topics a backend can serve (Stripe is billing only; CRM has no vendor target yet:
-# serve commands.crm with the sandbox or an HTTP relay).
-SERVES = {"sandbox": set(TARGET_SYSTEMS), "http": set(TARGET_SYSTEMS), "stripe": {"billing"}}
+BACKENDS = ("sandbox", "stripe", "salesforce", "hubspot", "http")
+# Which command topics a backend can serve (the vendor targets serve their own system only).
+SERVES = {"sandbox": set(TARGET_SYSTEMS), "http": set(TARGET_SYSTEMS), "stripe": {"billing"},
+          "salesforce": {"crm"}, "hubspot": {"crm"}}
 
 
 def make_target(args: argparse.Namespace) -> Target:
@@ -29,6 +29,14 @@ def make_target(args: argparse.Namespace) -> Target:
         from connectors.outbound.stripe_target import StripeTarget
 
         return StripeTarget(api_base=args.base_url or os.environ.get("STRIPE_API_BASE"), currency=args.currency)
+    if args.target == "salesforce":
+        from connectors.outbound.salesforce_target import SalesforceTarget
+
+        return SalesforceTarget(instance_url=args.base_url, timeout=args.request_timeout)
+    if args.target == "hubspot":
+        from connectors.outbound.hubspot_target import HubSpotTarget
+
+        return HubSpotTarget(host=args.base_url, timeout=args.request_timeout)
     from connectors.outbound.http_target import HttpTarget
 
     if not args.base_url:
@@ -104,11 +112,14 @@ def run(args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``concord adapters``."""
     p = sub.add_parser(
-        "adapters", help="consume commands.<system> and apply them to a sandbox database, Stripe or an HTTP API",
+        "adapters", help="consume commands.<system> and apply them to a sandbox database, Stripe, Salesforce, HubSpot "
+        "or an HTTP API",
         description="Apply commands exactly once per command_id (at-least-once delivery, idempotency keys): "
         "transient failures are retried with capped exponential backoff, rejections become command_rejected "
         "exceptions, offsets are committed after the effect. Secrets come from the environment only "
-        "(STRIPE_API_KEY, CONCORD_HTTP_TOKEN). Exit status: 0 ok, 1 error, 2 usage.")
+        "(STRIPE_API_KEY, SALESFORCE_INSTANCE_URL + SALESFORCE_SESSION_ID or SALESFORCE_USERNAME / "
+        "SALESFORCE_PASSWORD / SALESFORCE_SECURITY_TOKEN, HUBSPOT_ACCESS_TOKEN, CONCORD_HTTP_TOKEN). "
+        "Exit status: 0 ok, 1 error, 2 usage.")
     p.add_argument("--target", required=True, choices=BACKENDS, help="the backend that applies the commands")
     p.add_argument("--topics", default="billing,crm,dispatch",
                    help="comma-separated command topics to consume: billing, crm, dispatch (default all three)")
@@ -117,14 +128,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dsn", default=os.environ.get("CONCORD_SANDBOX_DSN"),
                    help="sandbox PostgreSQL DSN instead of SQLite (needs psycopg; env CONCORD_SANDBOX_DSN)")
     p.add_argument("--base-url", default=os.environ.get("CONCORD_HTTP_BASE_URL"),
-                   help="http: receiver base URL (POST {base}/commands/{type}); stripe: API base (env STRIPE_API_BASE)")
+                   help="http: receiver base URL (POST {base}/commands/{type}); stripe: API base "
+                   "(env STRIPE_API_BASE); salesforce: instance URL (env SALESFORCE_INSTANCE_URL); "
+                   "hubspot: API base (env HUBSPOT_API_BASE)")
     p.add_argument("--currency", default="usd", help="stripe: currency of lines without a price id (default usd)")
     p.add_argument("--group", help="consumer group (default concord-adapters-<target>)")
     p.add_argument("--once", action="store_true", help="apply what is on the topics now, then exit")
     p.add_argument("--max-attempts", type=int, default=8, help="attempts per command on transient failures (8)")
     p.add_argument("--backoff", type=float, default=0.2, help="first retry delay in seconds, doubling (0.2)")
     p.add_argument("--max-backoff", type=float, default=10.0, help="longest retry delay in seconds (10)")
-    p.add_argument("--request-timeout", type=float, default=10.0, help="http: seconds per request (10)")
+    p.add_argument("--request-timeout", type=float, default=10.0,
+                   help="http, salesforce, hubspot: seconds per request (10)")
     p.add_argument("--session-timeout-ms", type=int, default=6000,
                    help="consumer session timeout; 6000-10000 suits the embedded broker (6000)")
     p.add_argument("--timeout", type=float, default=60.0,
