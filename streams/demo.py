@@ -94,18 +94,30 @@ def run_demo(args: argparse.Namespace) -> int:
         with worker_process(broker.bootstrap_servers, port, app_id, state_dir / "worker.log", env):
             say(f"worker up (metrics on http://127.0.0.1:{port}/metrics, log {state_dir / 'worker.log'})")
             sim = Simulator(customers=args.customers, days=args.days, seed=args.seed)
-            records = list(sim.records())
-            say(f"simulating {args.customers} customers over {args.days} days: {len(records)} records")
-            since = end_offsets(broker.bootstrap_servers, watched_topics())
-            published = sim.publish(broker.bootstrap_servers, records, progress=_progress("published"))
-            sample = _sample_customer(records)
+            connector = None
+            if args.native:  # the vendors' formats, through the real inbound connectors
+                from streams.native import NativeFeed, ingest
+
+                native = NativeFeed(sim).records()
+                say(f"simulating {args.customers} customers over {args.days} days: {len(native)} native records "
+                    "(Salesforce CDC, Debezium jobs, Stripe events)")
+                since = end_offsets(broker.bootstrap_servers, watched_topics(native=True))
+                connector = ingest(broker.bootstrap_servers, native, progress=_progress("through the connectors"))
+                published = connector.published
+                sample = _sample_customer(published)
+            else:
+                records = list(sim.records())
+                say(f"simulating {args.customers} customers over {args.days} days: {len(records)} records")
+                since = end_offsets(broker.bootstrap_servers, watched_topics())
+                published = sim.publish(broker.bootstrap_servers, records, progress=_progress("published"))
+                sample = _sample_customer(records)
             report = collect(broker.bootstrap_servers, published, since, timeout=args.timeout,
-                             settle=args.gap_wait + 3, progress=_progress("accounted"))
+                             settle=args.gap_wait + 3, progress=_progress("accounted"), connector=connector)
             fixed = resolve_sample(port, tokens, report, args.resolve)
             if fixed:
                 say(f"resolved {len(fixed)} exceptions as their owners would (through the API); counting again")
                 report = collect(broker.bootstrap_servers, published, since, timeout=args.timeout, settle=2,
-                                 progress=_progress("recounted"), wait_for=set(fixed))
+                                 progress=_progress("recounted"), wait_for=set(fixed), connector=connector)
                 report.owner_resolved = fixed
             if sample:
                 status = _status_of(port, sample)
@@ -204,5 +216,9 @@ def register(sub: Any) -> None:
                    "as their owner would (default 3)")
     p.add_argument("--web-port", type=int, default=0, help="worker web port (default: a free one)")
     p.add_argument("--state-dir", default=".concord/demo", help="where the worker log goes")
+    p.add_argument("--native", action="store_true",
+                   help="the simulator speaks the vendors' formats (Salesforce Change Data Capture, Debezium, Stripe "
+                   "events), fed through the inbound connectors as `concord ingest` does; the report accounts for "
+                   "every native record at the connector and every canonical event it published at the worker")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=run_demo)

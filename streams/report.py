@@ -36,11 +36,18 @@ class Report:
     owner_resolved: list[str] = field(default_factory=list)  # ids the demo resolved as their owner would
     missing: list[tuple[str, int, int]] = field(default_factory=list)
     seconds: float = 0.0
+    ingest_dead_letters: Counter = field(default_factory=Counter)  # (topic, stage) read from deadletter.ingest.*
+    connector: Any = None  # streams.native.Ingested when native records went through the connectors
+    connector_missing: list[str] = field(default_factory=list)  # native records without a counted outcome
 
     @property
     def unaccounted(self) -> int:
-        """Published records with no decision read back from audit.decisions."""
-        return len(self.missing)
+        """Records not accounted for.
+
+        Published records with no decision read back from audit.decisions, and native records the connectors
+        gave no outcome (or whose dead letter was not read back).
+        """
+        return len(self.missing) + len(self.connector_missing)
 
     def by_owner(self) -> dict[str, dict[str, Any]]:
         """Per owner: opened, resolved automatically, resolved by the owner and replayed, escalated, open, MTTR."""
@@ -74,6 +81,9 @@ class Report:
             "dead_letters": dict(self.dead_letters), "by_owner": self.by_owner(),
             "resolved_by_demo_owners": len(self.owner_resolved), "missing": self.missing[:20],
             "seconds": round(self.seconds, 1),
+            **({"connector": self.connector.to_dict(), "connector_missing": self.connector_missing[:20],
+                "connector_dead_letters": {f"{t}/{s}": n for (t, s), n in sorted(self.ingest_dead_letters.items())}}
+               if self.connector is not None else {}),
         }
 
 
@@ -88,18 +98,20 @@ def end_offsets(bootstrap: str, names: Iterable[str]) -> dict[tuple[str, int], i
         c.close()
 
 
-def watched_topics() -> list[str]:
-    """The topics the report reads: decisions, commands, exceptions and dead letters."""
+def watched_topics(native: bool = False) -> list[str]:
+    """The topics the report reads: decisions, commands, exceptions and dead letters (and the connectors')."""
     return [topics.AUDIT.name, *(t.name for t in topics.COMMANDS), *(t.name for t in topics.EXCEPTIONS),
-            *(t.name for t in topics.DEADLETTERS)]
+            *(t.name for t in topics.DEADLETTERS), *(t.name for t in topics.INGEST_DEADLETTERS if native)]
 
 
 def collect(bootstrap: str, published: list[Published], since: dict[tuple[str, int], int], timeout: float = 120,
             settle: float = 5.0, progress: Callable[[int, int], None] | None = None,
-            wait_for: set[str] | None = None) -> Report:
+            wait_for: set[str] | None = None, connector: Any = None) -> Report:
     """Read outputs from ``since`` until every published record has a decision and nothing new came for ``settle`` s.
 
-    ``wait_for``: exception ids that must also be seen closed before the count ends.
+    ``wait_for``: exception ids that must also be seen closed before the count ends. ``connector``: what the
+    inbound connectors made of native records (``streams.native.Ingested``); each of its dead letters must be
+    read back from ``deadletter.ingest.*`` (include those topics in ``since``) to count as accounted for.
     """
     started = time.monotonic()
     codec = Codec()
@@ -110,6 +122,8 @@ def collect(bootstrap: str, published: list[Published], since: dict[tuple[str, i
                   "enable.auto.commit": False, "fetch.wait.max.ms": 100})
     c.assign([TopicPartition(t, p, o) for (t, p), o in since.items()])
     decided = 0
+    expected_dl = set(connector.deadletters) if connector is not None else set()
+    seen_dl: set[tuple[str, int, int]] = set()
     last_new = time.monotonic()
     try:
         while time.monotonic() - started < timeout:
@@ -131,12 +145,16 @@ def collect(bootstrap: str, published: list[Published], since: dict[tuple[str, i
                     seen_commands.add(rec["command_id"])
                 elif topic.startswith("exceptions."):
                     _follow(report.lives, rec)
+                elif topic.startswith("deadletter.ingest."):
+                    report.ingest_dead_letters[(topic, rec["stage"])] += 1
+                    if (topic, m.partition(), m.offset()) in expected_dl:
+                        seen_dl.add((topic, m.partition(), m.offset()))
                 elif topic.startswith("deadletter."):
                     report.dead_letters[rec["stage"]] += 1
             if progress:
                 progress(decided, len(fates))
             closed = all(report.lives.get(e, {}).get("state") in ("resolved", "discarded") for e in wait_for or ())
-            if decided == len(fates) and closed and time.monotonic() - last_new >= settle:
+            if decided == len(fates) and closed and seen_dl >= expected_dl and time.monotonic() - last_new >= settle:
                 break
     finally:
         c.close()
@@ -149,6 +167,10 @@ def collect(bootstrap: str, published: list[Published], since: dict[tuple[str, i
         report.released_after_park += "parked" in seen and final != "parked"
         report.outcomes[final] += 1
         report.by_fault.setdefault(p.fault or "clean", Counter())[final] += 1
+    if connector is not None:
+        report.connector = connector
+        report.connector_missing = list(connector.missing) + [
+            f"dead letter {t}[{p}]@{o} not read back" for t, p, o in sorted(expected_dl - seen_dl)]
     for life in report.lives.values():
         report.exceptions_opened[(life["owner"], life["reason"])] += 1
         if life["state"] == "resolved" and life["by"] == "concord":
@@ -184,7 +206,10 @@ def _follow(lives: dict[str, dict[str, Any]], rec: dict[str, Any]) -> None:
 def render(r: Report) -> str:
     """The report as text for a terminal."""
     w = max(len(o) for o in OUTCOMES)
-    lines = [f"reconciliation: {r.published} records published", "", "outcome of every published record:"]
+    lines = _render_connector(r) if r.connector is not None else []
+    lines += [f"reconciliation: {r.published} records published"
+              + (" (canonical events from the connectors)" if r.connector is not None else ""), "",
+              "outcome of every published record:"]
     for o in OUTCOMES:
         extra = f"  ({r.released_after_park} released after a gap filled)" if o == "applied" and \
             r.released_after_park else ""
@@ -213,3 +238,27 @@ def render(r: Report) -> str:
                                                or "none")]
     lines.append(f"unaccounted: {r.unaccounted}")
     return "\n".join(lines)
+
+
+def _render_connector(r: Report) -> list[str]:
+    """The connectors' part of a native run: every native record's outcome, faults, dead letters read back."""
+    ing = r.connector
+    read_back = sum(r.ingest_dead_letters.values())
+    lines = [f"native records delivered to the connectors: {ing.records} ("
+             + ", ".join(f"{s} {n}" for s, n in sorted(ing.by_source.items())) + ")",
+             "", "connector outcome of every native record:"]
+    notes = {"published": f"-> {len(ing.published)} canonical events, counted below",
+             "duplicate": "dropped by the connector's dedupe",
+             "rejected": "dead-lettered with the original bytes", "gap": "no field data: dead-lettered as gap",
+             "skipped": "tombstones and the like"}
+    for o in ("published", "duplicate", "rejected", "gap", "skipped"):
+        lines.append(f"  {o:<13} {ing.outcomes.get(o, 0):>6}  ({notes[o]})")
+    lines.append(f"  {'unaccounted':<13} {len(r.connector_missing):>6}")
+    lines += ["", "native faults and what the connectors did with them:"]
+    for fault, c in sorted(ing.by_fault.items()):
+        if fault != "clean":
+            lines.append(f"  {fault:<16} {sum(c.values()):>5}: " + ", ".join(f"{k} {v}" for k, v in sorted(c.items())))
+    lines += ["", f"connector dead letters read back ({read_back}): "
+              + (", ".join(f"{t} {s} {n}" for (t, s), n in sorted(r.ingest_dead_letters.items())) or "none")]
+    lines += [f"  e.g. {e}" for e in ing.errors[:3]]
+    return lines + [""]
