@@ -6,8 +6,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 APT_STAMP := $(VENV)/.apt-stamp
 # Debian packages the test suite runs for real: promtool/prometheus (ops rules and the live check),
-# chromium + chromedriver (the owner inbox page).
-APT_PACKAGES := prometheus chromium chromium-driver
+# chromium + chromedriver (the owner inbox page), postgresql (the sandbox command target on a throwaway cluster).
+APT_PACKAGES := prometheus chromium chromium-driver postgresql
 
 .DEFAULT_GOAL := help
 .PHONY: help install demo test lint bench clean system-packages
@@ -26,8 +26,10 @@ install: $(STAMP) ## create .venv and install Concord into it
 
 system-packages: $(APT_STAMP) ## install the Debian packages tests use (needs root or sudo)
 
-$(APT_STAMP): | $(STAMP)
+$(APT_STAMP): Makefile | $(STAMP)  # a new package in the list re-runs the check
 	@missing=""; for c in promtool prometheus chromium chromedriver; do command -v $$c >/dev/null || missing=1; done; \
+	for c in initdb pg_ctl postgres; do command -v $$c >/dev/null || ls /usr/lib/postgresql/*/bin/$$c >/dev/null 2>&1 \
+	  || missing=1; done; \
 	if [ -n "$$missing" ]; then \
 	  echo ">> installing Debian packages: $(APT_PACKAGES)"; \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \

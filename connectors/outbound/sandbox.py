@@ -2,8 +2,8 @@
 
 Each command is applied in one transaction with the insert of its ``effects`` row, whose primary key
 is the ``command_id``: a redelivered command finds its row and changes nothing, so there is exactly
-one effect per command however often it arrives. PostgreSQL needs ``psycopg`` (not a dependency of
-Concord: ``pip install 'psycopg[binary]'``); without it a DSN is a configuration error.
+one effect per command however often it arrives. PostgreSQL goes through ``psycopg`` (``psycopg[binary]``,
+a dependency of Concord); its tests run against a throwaway cluster (tests/test_adapters_postgres.py).
 """
 
 from __future__ import annotations
@@ -56,11 +56,15 @@ class SandboxTarget:
     def __init__(self, db: str | Path = ".concord/sandbox.db", dsn: str | None = None) -> None:
         if dsn:
             try:
-                import psycopg  # type: ignore[import-not-found]
+                import psycopg
             except ImportError:
                 raise FatalError("a PostgreSQL DSN was given but psycopg is not installed "
                                  "(pip install 'psycopg[binary]'), so the sandbox can only use SQLite") from None
-            self.conn: Any = psycopg.connect(dsn)
+            self._psycopg, self._dsn = psycopg, dsn
+            try:
+                self.conn: Any = psycopg.connect(dsn, connect_timeout=10)
+            except psycopg.Error as exc:
+                raise FatalError(f"cannot connect to the sandbox PostgreSQL database: {exc}") from None
             self._pg = True
             self.where = "postgresql"
         else:
@@ -70,6 +74,8 @@ class SandboxTarget:
             self._pg = False
             self.where = str(db)
         self._begin()
+        if self._pg:  # several adapters starting at once: CREATE TABLE IF NOT EXISTS is not race-free there
+            self._x("SELECT pg_advisory_xact_lock(4247)")
         for ddl in SCHEMA:
             self._x(ddl)
         self.conn.commit() if self._pg else self._x("COMMIT")
@@ -87,6 +93,11 @@ class SandboxTarget:
     def apply(self, cmd: Command) -> Result:
         """Insert the effect and apply the command in one transaction; a known command id is a duplicate."""
         check(cmd, self.types, self.name)
+        if self._pg and self.conn.closed:  # the server went away last time (a TransientError): connect again
+            try:
+                self.conn = self._psycopg.connect(self._dsn, connect_timeout=10)
+            except self._psycopg.OperationalError as exc:
+                raise TransientError(f"database: {exc}") from exc
         now = int(time.time() * 1000)
         self._begin()
         try:
@@ -104,10 +115,10 @@ class SandboxTarget:
             return Result(APPLIED, ref)
         except BaseException as exc:
             self._rollback()
-            kind = type(exc).__name__
-            if kind == "IntegrityError":  # sqlite3 and psycopg name it the same
+            kinds = {k.__name__ for k in type(exc).__mro__}  # psycopg raises subclasses (UniqueViolation, …)
+            if "IntegrityError" in kinds:  # sqlite3 and psycopg name the base the same
                 raise PermanentError(f"{cmd.type} conflicts with a row already there: {exc}") from exc
-            if kind == "OperationalError":  # locked database, lost connection
+            if "OperationalError" in kinds:  # locked database, lost connection, deadlock, serialization failure
                 raise TransientError(f"database: {exc}") from exc
             raise
 
@@ -116,7 +127,8 @@ class SandboxTarget:
 
     def _rollback(self) -> None:
         if self._pg:
-            self.conn.rollback()
+            if not self.conn.closed:
+                self.conn.rollback()
         elif self.conn.in_transaction:
             self._x("ROLLBACK")
 
