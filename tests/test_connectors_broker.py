@@ -51,9 +51,10 @@ def test_ingest_publishes_dead_letters_and_drops_duplicates(broker, uid, tmp_pat
     since = end_offsets(broker.bootstrap_servers, [INVOICES, _dl("stripe")])
     args = ["ingest", "--source", "stripe", str(src), "--identity", str(tmp_path / "id.json"),
             "--dedupe-file", str(tmp_path / "seen.txt")]
-    assert cli.main(args) == 0
+    assert cli.main(args) == 3, "3: some items were rejected (and dead-lettered), the rest published"
     err = capsys.readouterr().err
     assert "published 2, duplicate 1, rejected 1" in err
+    assert f"{src} item 3 (line 3)" in err and "dead-lettered to deadletter.ingest.stripe" in err
 
     def done(got):
         mine = [g for g in got if g.topic == INVOICES and g.record and g.record["entity_id"] == f"in_{uid}"]
