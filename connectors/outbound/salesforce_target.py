@@ -57,7 +57,7 @@ class _TimeoutSession(requests.Session):
         self.timeout = timeout
         self.verify = verify
 
-    def request(self, method: str | bytes, url: str | bytes, *args: Any, **kwargs: Any) -> requests.Response:
+    def request(self, method: str, url: str | bytes, *args: Any, **kwargs: Any) -> requests.Response:
         kwargs.setdefault("timeout", self.timeout)
         if self.verify is not True:  # per request, or REQUESTS_CA_BUNDLE would win over the session's bundle
             kwargs.setdefault("verify", self.verify)
@@ -104,7 +104,7 @@ class SalesforceTarget:
         if not _SF_ID.fullmatch(deal_id):
             raise PermanentError(f"deal_id {deal_id!r} is not a Salesforce Opportunity id")
         f = self.fields
-        opp = self.sf.Opportunity
+        opp: Any = self.sf.Opportunity  # SFType, reached through __getattr__
         try:
             current = opp.get(deal_id, params={"fields": ",".join([f["command"], f["issued_at"], "LastModifiedDate"])})
             if current.get(f["command"]) == cmd.marker:
