@@ -97,6 +97,11 @@ ALL: tuple[TopicSpec, ...] = (
     *EXCEPTIONS,
     EXCEPTION_ACTIONS, AUDIT,
 )
+# What a worker's consumer group reads: stage one, stage two and the exception tracker.
+WORKER_INPUTS: tuple[str, ...] = (
+    *(t.name for t in CHANGES), GUARD_CONTROLS.name, ACCEPTED.name, EXCEPTION_ACTIONS.name,
+    *(t.name for t in EXCEPTIONS),
+)
 BY_NAME: dict[str, TopicSpec] = {t.name: t for t in ALL}
 
 

@@ -7,7 +7,7 @@ import sys
 import urllib.request
 
 import pytest
-from kafka_helpers import CODEC, end_offsets, produce, read_until
+from kafka_helpers import CODEC, end_offsets, produce, read_until, start_group_at_end
 
 from streams import events as ev
 from streams import topics
@@ -35,6 +35,7 @@ def worker(broker, tmp_path_factory):
     env = {"CONCORD_DATA_DIR": str(state), "CONCORD_GAP_WAIT_S": "1", "CONCORD_SLA_SCALE": str(SLA_SCALE),
            "CONCORD_SLA_CHECK_INTERVAL_S": "0.5",
            "CONCORD_OWNER_TOKENS": ",".join(f"{team}={token}" for team, token in TOKENS.items())}
+    start_group_at_end(broker.bootstrap_servers, app_id, list(topics.WORKER_INPUTS))  # not earlier tests' traffic
     with worker_process(broker.bootstrap_servers, port, app_id, state / "worker.log", env) as proc:
         yield {"port": port, "app_id": app_id, "proc": proc, "url": f"http://127.0.0.1:{port}", "log": state}
 
