@@ -74,7 +74,7 @@ def test_ingest_publishes_dead_letters_and_drops_duplicates(broker, uid, tmp_pat
 
     # a second run with the same dedupe file publishes nothing new
     since2 = end_offsets(broker.bootstrap_servers, [INVOICES])
-    assert cli.main(args) == 0
+    assert cli.main(args) == 3, "the broken line is rejected (and dead-lettered) again"
     assert "published 0, duplicate 3" in capsys.readouterr().err
     time.sleep(0.5)
     assert end_offsets(broker.bootstrap_servers, [INVOICES]) == since2
