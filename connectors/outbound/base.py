@@ -16,6 +16,8 @@ REQUIRED: dict[str, tuple[str, ...]] = {
     "update_deal_billing_status": ("deal_id", "billing_status"),
     "void_invoice": ("invoice_id",),
     "update_customer": ("customer_id",),
+    "hold_billing": ("exception_id", "reason_code"),  # an overdue exception blocks billing of the entity
+    "release_billing_hold": ("exception_id",),
 }
 
 

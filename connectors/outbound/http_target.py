@@ -24,7 +24,8 @@ from connectors.outbound.base import (
     check,
 )
 
-TYPES = frozenset({"create_invoice", "create_job", "update_deal_billing_status", "void_invoice", "update_customer"})
+TYPES = frozenset({"create_invoice", "create_job", "update_deal_billing_status", "void_invoice", "update_customer",
+                   "hold_billing", "release_billing_hold"})
 
 
 class HttpTarget:

@@ -25,7 +25,8 @@ from connectors.outbound.base import (
     check,
 )
 
-TYPES = frozenset({"create_invoice", "create_job", "update_deal_billing_status", "void_invoice", "update_customer"})
+TYPES = frozenset({"create_invoice", "create_job", "update_deal_billing_status", "void_invoice", "update_customer",
+                   "hold_billing", "release_billing_hold"})
 
 SCHEMA = (
     """CREATE TABLE IF NOT EXISTS effects (
@@ -44,6 +45,9 @@ SCHEMA = (
     """CREATE TABLE IF NOT EXISTS customers (
         customer_id TEXT PRIMARY KEY, name TEXT, email TEXT, billing_address TEXT, billing_terms TEXT,
         billing_account_id TEXT, external_ids TEXT NOT NULL, command_id TEXT NOT NULL, updated_at BIGINT NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS billing_holds (
+        exception_id TEXT PRIMARY KEY, entity_type TEXT NOT NULL, entity_id TEXT NOT NULL, reason_code TEXT,
+        held INTEGER NOT NULL, command_id TEXT NOT NULL, updated_at BIGINT NOT NULL)""",
 )
 
 
@@ -183,6 +187,21 @@ class SandboxTarget:
                  p.get("billing_terms"), p.get("billing_account_id"), json.dumps(p.get("external_ids") or {},
                                                                                  sort_keys=True), cmd.command_id, now))
         return str(p["customer_id"])
+
+    def _hold_billing(self, cmd: Command, now: int) -> str:
+        return self._set_hold(cmd, now, held=True)
+
+    def _release_billing_hold(self, cmd: Command, now: int) -> str:
+        return self._set_hold(cmd, now, held=False)
+
+    def _set_hold(self, cmd: Command, now: int, held: bool) -> str:
+        p = cmd.payload
+        self._x("INSERT INTO billing_holds (exception_id, entity_type, entity_id, reason_code, held, command_id, "
+                "updated_at) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (exception_id) DO UPDATE SET "
+                "held = excluded.held, command_id = excluded.command_id, updated_at = excluded.updated_at",
+                (p["exception_id"], cmd.entity_type, cmd.entity_id, p.get("reason_code"), int(held), cmd.command_id,
+                 now))
+        return str(p["exception_id"])
 
     def close(self) -> None:
         """Close the database connection."""
