@@ -46,6 +46,8 @@ MAPPERS = {"stripe": stripe_events, "hubspot": hubspot, "salesforce": salesforce
 HARD_CAP = 16 * 1024 * 1024  # bodies up to this are read whole (to verify them); larger ones are refused unread
 log = logging.getLogger("concord.webhooks")
 
+UNMAPPED = "is not mapped"  # the error the mappers give an event type they do not handle
+
 
 async def read_capped(request: web.Request, cap: int) -> tuple[bytes, int, str]:
     """The body's first ``cap`` bytes, its full size and its sha256, without holding more than ``cap`` bytes."""
@@ -143,6 +145,10 @@ def make_app(bootstrap: str, identity: IdentityMap | None = None, dedupe: Dedupe
         if unusable:
             result["error"] = batch.deadletters[0].record["error"]
             result["dead_letter_topic"] = deadletter_topic(f"ingest.{source}")
+            # An event type Concord does not map is kept on the dead-letter topic and acknowledged: a 4xx would
+            # only make the vendor redeliver it for days. A body that is broken is refused.
+            if all(UNMAPPED in d.record["error"] for d in batch.deadletters):
+                return web.json_response({**result, "ignored": True}, status=200)
         return web.json_response(result, status=400 if unusable else 200)
 
     async def metrics_page(request: web.Request) -> web.Response:
