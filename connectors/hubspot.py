@@ -119,6 +119,8 @@ def _one(e: dict[str, Any], position: int, raw: bytes, ctx: c.Context) -> c.Outc
     else:
         customer_id, candidates = c.resolve_customer(ctx, "hubspot-deal", obj_id)
     caused_by = c.command_id_from(e.get("sourceId"), e.get("changeSource"))
+    if caused_by is None and prop == "concord_command_id":  # the property Concord's HubSpot adapter writes
+        caused_by = c.command_id_from(value)
     ev = c.change_event(event_id=key, vendor=VENDOR, entity_type=entity, entity_id=obj_id,
                         seq=occurred * 1000 + min(position, 999), op=op, occurred_at=occurred, payload=payload,
                         raw=raw, content_type=CONTENT_TYPE, ctx=ctx, customer_id=customer_id, changed_fields=changed,

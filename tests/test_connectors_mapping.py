@@ -427,3 +427,11 @@ def test_identity_map_persists_and_never_guesses(tmp_path):
     context = ctx(again)
     cid, cands = c.resolve_customer(context, "billing", "cus_2", {"name": "Northwind Traders"})
     assert cid is None and cands[0]["customer_id"] == "001A"
+
+
+def test_hubspot_recognises_the_command_property_concords_adapter_writes_as_an_echo():
+    body = json.loads(raw("hubspot_batch.json"))[:1]
+    body[0].update(propertyName="concord_command_id", propertyValue="concord:cmd_0123abcd", changeSource="API",
+                   sourceId="app:1160452", eventId=1701000099)
+    batch = normalize("hubspot", json.dumps(body).encode(), ctx())
+    assert [m.event["caused_by_command_id"] for m in batch.events] == ["cmd_0123abcd"]
