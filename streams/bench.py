@@ -10,8 +10,10 @@ import argparse
 import asyncio
 import statistics
 import sys
+import threading
 import time
 import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from confluent_kafka import Consumer, Producer, TopicPartition
@@ -125,8 +127,12 @@ async def reference_eps(bootstrap: str, topic: str, out_topic: str, n: int) -> f
 
 
 def wait_for_commands(bootstrap: str, n: int, timeout: float, since: dict[int, int],
-                      latencies: list[float] | None = None) -> tuple[float, float]:
-    """Read commands.billing from ``since`` offsets until ``n`` arrive; return (first, last) arrival times."""
+                      latencies: list[float] | None = None, ctype: str = "create_invoice",
+                      ready: threading.Event | None = None) -> tuple[float, float]:
+    """Read commands.billing from ``since`` until ``n`` of type ``ctype`` arrive; return (first, last) arrival times.
+
+    ``ready`` is set once the consumer is reading, so that a caller can start publishing only then.
+    """
     codec = Codec()
     c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"bench-{uuid.uuid4().hex[:6]}",
                   "enable.auto.commit": False, "fetch.wait.max.ms": 10})
@@ -136,13 +142,16 @@ def wait_for_commands(bootstrap: str, n: int, timeout: float, since: dict[int, i
     deadline = time.monotonic() + timeout
     try:
         while got < n and time.monotonic() < deadline:
-            for m in c.consume(1000, 0.2):
+            msgs = c.consume(1000, 0.05)
+            if ready is not None:
+                ready.set()
+            for m in msgs:
                 if m.error():
                     continue
                 t = time.time()
                 cmd = codec.decode(m.value())[1]
-                if cmd["type"] != "create_invoice":
-                    continue  # the customers' update_customer commands are not what is measured
+                if cmd["type"] != ctype:
+                    continue  # e.g. the customers' update_customer commands are not what is measured
                 first = first or t
                 last = t
                 got += 1
@@ -153,6 +162,57 @@ def wait_for_commands(bootstrap: str, n: int, timeout: float, since: dict[int, i
     if got < n:
         raise RuntimeError(f"only {got}/{n} commands arrived within {timeout:.0f}s")
     return first, last
+
+
+def watch_commands(bootstrap: str, n: int, timeout: float, latencies: list[float] | None = None,
+                   ctype: str = "create_invoice") -> Future:
+    """Start reading commands.billing from its current end in a thread, before anything is published.
+
+    Arrival times are taken as the commands arrive, not after the publishing is over (which would count the
+    publishing time as latency). The future gives wait_for_commands' (first, last).
+    """
+    since = end_offsets(bootstrap, topics.commands_topic("billing"))
+    ready = threading.Event()
+    pool = ThreadPoolExecutor(1, thread_name_prefix="bench-watch")
+    fut = pool.submit(wait_for_commands, bootstrap, n, timeout, since, latencies, ctype, ready)
+    pool.shutdown(wait=False)
+    while not ready.wait(0.1):
+        if fut.done():
+            fut.result()  # raises what went wrong
+    return fut
+
+
+def measure_concord(bs: str, deals: list[tuple[str, bytes, bytes]], run: str, rate: float, seconds: float,
+                    timeout: float) -> tuple[float, list[float]]:
+    """Concord's events/s on ``deals``, then publish-to-command latencies at a steady ``rate`` (a worker running)."""
+    watch = watch_commands(bs, len(deals), timeout)
+    produce(bs, deals)
+    first, last = watch.result()
+    concord = len(deals) / max(last - first, 1e-6)
+    say(f"concord full pipeline: {concord:,.0f} events/s ({len(deals)} commands in {last - first:.2f}s)")
+
+    lat_setup, lat_deals = generate(int(rate * seconds), f"{run}l")
+    watch = watch_commands(bs, len(lat_setup), timeout, ctype="update_customer")
+    produce(bs, lat_setup)
+    watch.result()  # the customers are applied before the timed deals
+    latencies: list[float] = []
+    watch = watch_commands(bs, len(lat_deals), timeout, latencies)
+    p = Producer({"bootstrap.servers": bs, "linger.ms": 0, "partitioner": "murmur2_random"})
+    codec = Codec()
+    say(f"steady {rate:.0f} events/s for {seconds:.0f}s")
+    start = time.perf_counter()
+    for i, (t, k, v) in enumerate(lat_deals):
+        target = start + i / rate
+        delay = target - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+        _, rec = codec.decode(v)
+        rec["occurred_at"] = int(time.time() * 1000)  # publish time
+        p.produce(t, key=k, value=codec.encode("change_event", rec))
+        p.poll(0)
+    p.flush(30)
+    watch.result()
+    return concord, latencies
 
 
 def end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
@@ -184,37 +244,12 @@ def run_bench(args: argparse.Namespace) -> int:
         ref = asyncio.run(reference_eps(bs, raw_topic.name, ref_out.name, len(deals)))
         say(f"reference pipeline (consume, dict update, produce): {ref:,.0f} events/s")
 
-        since = end_offsets(bs, topics.commands_topic("billing"))
         produce(bs, setup)
         port = free_port()
         from pathlib import Path
 
         with worker_process(bs, port, f"concord-bench-{run}", Path(".concord/bench/worker.log")):
-            produce(bs, deals)
-            first, last = wait_for_commands(bs, len(deals), args.timeout, since)
-            concord = len(deals) / max(last - first, 1e-6)
-            say(f"concord full pipeline: {concord:,.0f} events/s ({len(deals)} commands in {last - first:.2f}s)")
-
-            lat_setup, lat_deals = generate(int(args.rate * args.seconds), f"{run}l")
-            produce(bs, lat_setup)
-            time.sleep(2)  # customers applied before the timed deals
-            since = end_offsets(bs, topics.commands_topic("billing"))
-            latencies: list[float] = []
-            p = Producer({"bootstrap.servers": bs, "linger.ms": 0, "partitioner": "murmur2_random"})
-            codec = Codec()
-            say(f"steady {args.rate:.0f} events/s for {args.seconds:.0f}s")
-            start = time.perf_counter()
-            for i, (t, k, v) in enumerate(lat_deals):
-                target = start + i / args.rate
-                delay = target - time.perf_counter()
-                if delay > 0:
-                    time.sleep(delay)
-                _, rec = codec.decode(v)
-                rec["occurred_at"] = int(time.time() * 1000)  # publish time
-                p.produce(t, key=k, value=codec.encode("change_event", rec))
-                p.poll(0)
-            p.flush(30)
-            wait_for_commands(bs, len(lat_deals), args.timeout, since, latencies)
+            concord, latencies = measure_concord(bs, deals, run, args.rate, args.seconds, args.timeout)
         latencies.sort()
         p50 = statistics.median(latencies)
         p99 = latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))]
