@@ -110,12 +110,15 @@ class _Outputs:
             threading.Thread(target=self._poll, args=(self._producer,), name="concord-producer", daemon=True).start()
         return self._producer
 
-    async def send(self, records: list[tuple[str, bytes, bytes, Any, int | None]]) -> dict[tuple[str, int], int]:
-        """Produce (topic, key, value, headers, partition) records; return when the broker acknowledged all."""
+    def produce(self, records: list[tuple[str, bytes, bytes, Any, int | None]]) -> asyncio.Future:
+        """Produce (topic, key, value, headers, partition) records; the future resolves when all are acknowledged."""
+        loop = asyncio.get_running_loop()
         if not records:
-            return {}
+            done = loop.create_future()
+            done.set_result({})
+            return done
         producer = self.producer
-        delivery = _Delivery(asyncio.get_running_loop(), len(records))
+        delivery = _Delivery(loop, len(records))
         produce = producer.produce
         for topic, key, value, headers, partition in records:
             while True:
@@ -125,14 +128,29 @@ class _Outputs:
                     else:
                         produce(topic, value, key, partition, headers=headers, on_delivery=delivery)
                     break
-                except BufferError:  # the local queue is full: let the poll thread drain it
-                    await asyncio.sleep(0.005)
-        return await delivery.future
+                except BufferError:  # the local queue is full (1M records): wait for the poll thread to drain it
+                    producer.poll(0.01)
+        return delivery.future
+
+    async def send(self, records: list[tuple[str, bytes, bytes, Any, int | None]]) -> dict[tuple[str, int], int]:
+        """Produce records and return when the broker acknowledged all of them."""
+        return await self.produce(records)
 
     def stop(self) -> None:
         self._stopping.set()
         if self._producer is not None:
             self._producer.flush(10)
+
+
+async def _acked(stream: Any, table: Any, events: list[Any], delivery: asyncio.Future) -> None:
+    """Wait until the broker acknowledged a batch's outputs, then ack its events (their offsets may be committed)."""
+    written = await delivery
+    for (topic, partition), offset in written.items():  # what faust's _on_changelog_sent records
+        table.data.set_persisted_offset(TP(topic, partition), offset)
+    for event in events:
+        if event.ack():
+            message = event.message
+            stream._on_message_out(message.tp, message.offset, message)
 
 
 def _changelog_value(value: Any) -> bytes:
@@ -213,21 +231,29 @@ def build_app(settings: Settings, pipeline: Pipeline | None = None) -> faust.App
 
     async def run_batches(stream: Any, step: Any, table: Any) -> None:
         changelog = table.changelog_topic.get_topic_name()
-        async for events in stream.take_events(settings.batch_size, within=settings.batch_within_s):
-            view = _BatchView(table)
-            records: list[tuple[str, bytes, bytes, Any, int | None]] = []
-            for event in events:
-                view.current_event = event
-                for o in step(event, view):
-                    records.append((o.topic, o.key, o.value, list(o.headers) or None, None))
-            for k, (value, event) in view.touched.items():
-                with _as_if_from(event):  # the store keeps the key in the event's partition
-                    table.data[k] = value
-                # one changelog write per key per batch, in the event's partition, as faust would write it
-                records.append((changelog, k, _changelog_value(value), None, event.message.partition))
-            written = await outputs.send(records)
-            for (topic, partition), offset in written.items():  # what faust's _on_changelog_sent records
-                table.data.set_persisted_offset(TP(topic, partition), offset)
+        in_flight: asyncio.Future | None = None  # the previous batch: its outputs on their way to the broker
+        try:
+            async for events in stream.take_events(settings.batch_size, within=settings.batch_within_s):
+                for event in events:  # held: acked only once the batch's outputs are acknowledged (see _acked)
+                    event.message.incref()
+                view = _BatchView(table)
+                records: list[tuple[str, bytes, bytes, Any, int | None]] = []
+                for event in events:
+                    view.current_event = event
+                    for o in step(event, view):
+                        records.append((o.topic, o.key, o.value, list(o.headers) or None, None))
+                for k, (value, event) in view.touched.items():
+                    with _as_if_from(event):  # the store keeps the key in the event's partition
+                        table.data[k] = value
+                    # one changelog write per key per batch, in the event's partition, as faust would write it
+                    records.append((changelog, k, _changelog_value(value), None, event.message.partition))
+                delivery = outputs.produce(records)
+                if in_flight is not None:
+                    await in_flight  # at most one batch in flight; batches are acked in order
+                in_flight = asyncio.ensure_future(_acked(stream, table, events, delivery))
+        finally:
+            if in_flight is not None and not in_flight.done():
+                in_flight.cancel()
 
     def guard_step(event: Any, view: _BatchView) -> list[Out]:
         rec = _record(event)
