@@ -44,10 +44,10 @@ class Settings(BaseModel):
     store: str = Field("memory://", description="faust table store: memory:// or rocksdb://")
     data_dir: Path = Path(".concord")
     session_timeout_s: float = Field(8.0, gt=0)
-    fetch_max_wait_ms: int = Field(50, ge=1, le=10_000)
-    producer_linger_ms: int = Field(5, ge=0)
+    fetch_max_wait_ms: int = Field(20, ge=1, le=10_000)
+    producer_linger_ms: int = Field(2, ge=0)
     batch_size: int = Field(500, ge=1)
-    batch_within_s: float = Field(0.02, gt=0)
+    batch_within_s: float = Field(0.01, gt=0)
     log_level: str = "info"
     gap_wait_s: float = Field(300.0, ge=0, description="how long a sequence gap waits before its exception")
     owner_tokens: str | None = Field(None, description="team=token,team=token: each owner team's API credential")
