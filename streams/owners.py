@@ -23,7 +23,8 @@ from streams import rules
 from streams.exceptions import ValidationError
 from streams.flow_config import FlowConfig
 from streams.guard import guard_key
-from streams.pipeline import customer_key
+from streams.pipeline import Out, customer_key
+from streams.topics import exceptions_topic
 
 OPEN_STATES = ("open", "acknowledged", "escalated")
 ACTIONS = ("acknowledge", "resolve", "discard")
@@ -157,7 +158,7 @@ class Desk:
 
     async def _act_elsewhere(self, team: str, exception_id: str, action: str, status: dict[str, Any] | None,
                              by: str, note: str) -> dict[str, Any]:
-        """Exceptions outside the status table (sequence gaps), or ones already closed."""
+        """Exceptions outside the status table (sequence gaps, rejected commands), or ones already closed."""
         if status and exception_id in status.get("discarded", {}):
             raise Refused(409, f"exception {exception_id} was discarded; it cannot be {action}d")
         rec = self.exceptions.get(exception_id.encode())
@@ -167,22 +168,33 @@ class Desk:
             raise Refused(403, f"exception {exception_id} belongs to {rec['owner']}, not {team}")
         if rec["state"] not in OPEN_STATES:
             raise Refused(409, f"exception {exception_id} is already {rec['state']}")
-        if rec["reason_code"] != "sequence_gap":
-            raise Refused(409, f"exception {exception_id} is not open in its customer's status")
+        if action == "discard" and not note.strip():
+            raise Refused(400, "discarding needs a reason: --why TEXT")
         now = int(time.time() * 1000)
-        if action in ("resolve", "discard"):
+        reason, patch = rec["reason_code"], {}
+        if action == "resolve" and reason == "command_rejected" and rec.get("original"):
+            orig = rec["original"]  # the target's data was fixed: send the same command (same id) again
+            await self.app.producer.send(orig["topic"], bytes.fromhex(orig["key"]) or None,
+                                         bytes.fromhex(orig["value"]), None, None, None)
+            patch, note = {"action": "resend_command"}, note or "the command was sent again"
+        elif action in ("resolve", "discard") and reason == "sequence_gap":
             gkey = guard_key(rec["source_system"], rec["entity_type"], rec["entity_id"])
             control = {"action": "release_gap", "guard_key": gkey, "actor": by, "at": now}
             await self.controls.send(key=rec["entity_id"].encode(),
                                      value=self.pipeline.codec.encode("control", control))
+            patch, note = {"action": "release_gap"}, note or "parked events released without the missing ones"
+        elif action == "resolve":
+            raise Refused(409, f"a {reason} exception outside a customer's status can be acknowledged or discarded "
+                               "once fixed in the owning system, not resolved with a patch")
         state = {"acknowledge": "acknowledged", "resolve": "resolved", "discard": "discarded"}[action]
         base = wire_record(rec)
         if rec["state"] == "escalated" and rec.get("backup_owner"):  # back to its owner's queue, as it closes
             base.update(owner=rec["backup_owner"], backup_owner=rec["owner"])
         done = {**base, "state": state, "updated_at": now,
-                "resolution": {"by": by, "at": now, "patch": {"action": "release_gap"} if action != "acknowledge"
-                               else {}, "note": note or "parked events released without the missing ones"}}
-        for out in self.pipeline.closing(done, now, by):
+                "resolution": {"by": by, "at": now, "patch": patch, "note": note}}
+        outs = self.pipeline.closing(done, now, by) if state != "acknowledged" else [
+            Out(exceptions_topic(done["owner"]), exception_id.encode(), self.pipeline.codec.encode("exception", done))]
+        for out in outs:
             await self.app.producer.send(out.topic, out.key, out.value, None, None, list(out.headers))
         return {"accepted": True, "exception_id": exception_id, "action": action, "by": by}
 

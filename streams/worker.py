@@ -364,6 +364,18 @@ def build_app(settings: Settings, pipeline: Pipeline | None = None) -> faust.App
                 await send_all(pipeline.escalation(wire_record(rec), now))
 
     @app.task
+    async def learn_changelog_partitions() -> None:
+        """Fetch the changelog topics' metadata into faust's producer, which routes web requests by key.
+
+        faust maps a key to the worker that owns it through its own producer's metadata; the outputs and
+        changelog records go through Concord's producer, so that metadata would otherwise never be fetched
+        and /customers/{id} and /exceptions/{id} would fail to route.
+        """
+        producer = app.producer._ensure_producer()  # noqa: SLF001 - faust keeps the aiokafka producer here
+        for table in (entity_to_cursor, customer_to_status, exception_to_record):
+            await producer.partitions_for(table.changelog_topic.get_topic_name())
+
+    @app.task
     async def quiet_libraries() -> None:
         """Raise the client libraries' log levels to the worker's.
 

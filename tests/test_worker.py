@@ -4,6 +4,7 @@ import json
 import random
 import subprocess
 import sys
+import time
 import urllib.request
 
 import pytest
@@ -285,3 +286,38 @@ def test_inbox_page_resolves_with_a_real_click_in_headless_chromium(broker, work
     assert json.loads(inv["payload"])["billing_account_id"] == f"cus_ib_{uid}"
     assert any(g.topic.startswith("exceptions.") and g.key == eid.encode() and g.record["state"] == "resolved"
                and g.record["resolution"]["by"] == "revenue-ops" for g in got)
+
+
+def test_a_rejected_command_is_sent_again_when_its_owner_resolves_it(broker, worker, uid):
+    """command_rejected (raised by an adapter) lives outside any customer's status: resolve re-sends the command."""
+    from streams.routing import load_routing
+    from streams.rules import stable_id
+
+    bs = broker.bootstrap_servers
+    cmd = {"command_id": f"cmd_{uid}", "type": "void_invoice", "target_system": "billing", "customer_id": f"c-{uid}",
+           "entity_type": "invoice", "entity_id": f"in-{uid}", "payload": json.dumps({"invoice_id": f"in-{uid}"}),
+           "caused_by": [], "trace_id": f"trace-{uid}", "issued_at": NOW, "source_occurred_at": None}
+    value = CODEC.encode("command", cmd)
+    exc = load_routing().route({"exception_id": stable_id("command_rejected", cmd["command_id"]),
+                                "reason_code": "command_rejected", "trace_id": cmd["trace_id"],
+                                "source_system": "billing", "entity_type": "invoice", "entity_id": f"in-{uid}",
+                                "customer_id": f"c-{uid}", "message": "sandbox rejected void_invoice: no invoice",
+                                "suggestions": []}, NOW)
+    exc["original"] = {"topic": "commands.billing", "partition": 0, "offset": 0, "key": f"in-{uid}".encode(),
+                       "value": value}
+    since = end_offsets(bs, WATCH)
+    produce(bs, [("exceptions.revenue-ops", exc["exception_id"].encode(), CODEC.encode("exception", exc))])
+    deadline = time.monotonic() + 30
+    while api(worker, "GET", f"/exceptions/{exc['exception_id']}", TOKENS["revenue-ops"])[0] != 200:
+        assert time.monotonic() < deadline, "the tracker never recorded the exception"
+        time.sleep(0.2)
+    code, body = api(worker, "POST", f"/exceptions/{exc['exception_id']}/resolve", TOKENS["revenue-ops"],
+                     customer=f"c-{uid}", set="anything=1")
+    assert code == 202, body
+    got = read_until(bs, since, lambda got: any(g.topic == "commands.billing" and g.value == value for g in got)
+                     and any(g.key == exc["exception_id"].encode() and g.record["state"] == "resolved" for g in got))
+    [closed] = [g.record for g in got if g.key == exc["exception_id"].encode() and g.record["state"] == "resolved"]
+    assert closed["resolution"]["patch"] == {"action": "resend_command"} and closed["resolution"]["by"] == "revenue-ops"
+    code, body = api(worker, "POST", f"/exceptions/{exc['exception_id']}/discard", TOKENS["revenue-ops"],
+                     customer=f"c-{uid}", note="done")
+    assert code == 409 and "already resolved" in body["error"]
