@@ -14,8 +14,8 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
-from confluent_kafka import Consumer, TopicPartition
 from kafka_helpers import end_offsets, produce, read_until
+from kafka_helpers import start_group_at_end as start_at_end
 
 from connectors.outbound.base import APPLIED, DUPLICATE, Command, FatalError, PermanentError, TransientError
 from connectors.outbound.consumer import Adapter, AdapterError, Origin, RetryPolicy
@@ -442,24 +442,8 @@ def test_cli_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:
 
 # ---- on the broker ---------------------------------------------------------------------------------
 def start_group_at_end(bootstrap: str, group: str, topic: str) -> None:
-    """Commit the group's offsets at today's end, so a run sees only what this test produces.
-
-    Tansu's high watermark is the base offset of a partition's last batch + 1, so read on from it to the real end.
-    """
-    ends = end_offsets(bootstrap, [topic])
-    c = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False,
-                  "fetch.wait.max.ms": 50})
-    try:
-        c.assign([TopicPartition(t, p, o) for (t, p), o in ends.items()])
-        quiet_until = time.monotonic() + 0.5
-        while time.monotonic() < quiet_until:
-            m = c.poll(0.05)
-            if m is not None and not m.error():
-                ends[(m.topic(), m.partition())] = max(ends[(m.topic(), m.partition())], m.offset() + 1)
-                quiet_until = time.monotonic() + 0.5
-        c.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in ends.items()], asynchronous=False)
-    finally:
-        c.close()
+    """Commit the group's offsets at today's end of ``topic``, so a run sees only what this test produces."""
+    start_at_end(bootstrap, group, [topic])
 
 
 @pytest.mark.broker

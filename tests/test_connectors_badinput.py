@@ -8,21 +8,15 @@ authentic, a log record with the body's sha256), and processing goes on.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import logging
-import threading
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import stripe
-from aiohttp import web
+from http_helpers import post, serve
 from kafka_helpers import end_offsets, read_until
 
 from connectors import hubspot, jobber, webhooks
@@ -30,7 +24,6 @@ from connectors.identity import IdentityMap
 from connectors.ingest import DEFAULT_MAX_RECORD_BYTES, Deduper
 from connectors.webhooks import make_app
 from streams import cli, topics
-from streams.broker import free_port
 
 pytestmark = pytest.mark.broker
 FIX = Path(__file__).parent / "fixtures" / "connectors"
@@ -171,41 +164,6 @@ def test_cli_same_file_twice_is_published_once(broker, ingest, uid, tmp_path):
 
 
 # ---------------------------------------------------------------- concord webhooks
-
-
-@contextmanager
-def serve(app: web.Application) -> Iterator[str]:
-    loop = asyncio.new_event_loop()
-    runner = web.AppRunner(app)
-    port = free_port()
-    started = threading.Event()
-
-    def main() -> None:
-        asyncio.set_event_loop(loop)
-        loop.run_until_complete(runner.setup())
-        loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", port).start())
-        started.set()
-        loop.run_forever()
-
-    t = threading.Thread(target=main, daemon=True)
-    t.start()
-    assert started.wait(10)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(15)
-        loop.call_soon_threadsafe(loop.stop)
-        t.join(5)
-
-
-def post(url: str, body: bytes, headers: dict[str, str]) -> tuple[int, dict]:
-    req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json", **headers},
-                                 method="POST")
-    try:
-        with urllib.request.urlopen(req, timeout=60) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
 
 
 @pytest.fixture
