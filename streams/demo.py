@@ -90,7 +90,8 @@ def run_demo(args: argparse.Namespace) -> int:
         tokens = {team: secrets.token_urlsafe(24) for team in OWNERS}  # this run's owner credentials only
         env = {"CONCORD_GAP_WAIT_S": str(args.gap_wait), "CONCORD_SLA_SCALE": str(args.sla_scale),
                "CONCORD_OWNER_TOKENS": ",".join(f"{t}={k}" for t, k in tokens.items()),
-               "CONCORD_DATA_DIR": str(state_dir / "state")}
+               "CONCORD_DATA_DIR": str(state_dir / "state"),
+               "CONCORD_CANARY_INTERVAL_S": "0"}  # the report is about the simulated business alone
         with worker_process(broker.bootstrap_servers, port, app_id, state_dir / "worker.log", env):
             say(f"worker up (metrics on http://127.0.0.1:{port}/metrics, log {state_dir / 'worker.log'})")
             sim = Simulator(customers=args.customers, days=args.days, seed=args.seed)

@@ -364,6 +364,19 @@ def build_app(settings: Settings, pipeline: Pipeline | None = None) -> faust.App
                 await send_all(pipeline.escalation(wire_record(rec), now))
 
     @app.task
+    async def run_canary() -> None:
+        """Start the canary's thread (a synthetic closed-won deal every CONCORD_CANARY_INTERVAL_S seconds)."""
+        if settings.canary_interval_s <= 0 or not settings.bootstrap_servers:
+            return
+        from streams.canary import Canary
+        from streams.flow_config import load_flow_config
+
+        sku = next(s for s, item in sorted(load_flow_config().catalog.items()) if item.billable)
+        canary = Canary(settings.bootstrap_servers, settings.app_id, sku, settings.canary_interval_s)
+        canary.start()
+        app.canary = canary  # type: ignore[attr-defined]
+
+    @app.task
     async def learn_changelog_partitions() -> None:
         """Fetch the changelog topics' metadata into faust's producer, which routes web requests by key.
 

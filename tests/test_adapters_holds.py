@@ -38,3 +38,15 @@ def test_sandbox_holds_and_releases_billing_once_per_command(tmp_path):
 def test_stripe_has_no_hold_and_says_so():
     with pytest.raises(PermanentError, match="hold_billing"):
         StripeTarget(api_key="sk_test_unused").apply(hold_command(True))
+
+
+def test_adapters_apply_nothing_for_the_canary(tmp_path):
+    from connectors.outbound.consumer import Adapter, Origin
+
+    pipeline = InProcess().pipeline
+    out = pipeline.billing_hold({**EXC, "customer_id": "canary:concord"}, 1_000, hold=True)
+    db = tmp_path / "sandbox.db"
+    adapter = Adapter("127.0.0.1:1", SandboxTarget(db), ["billing"])
+    assert adapter.handle(Origin("commands.billing", 0, 0, out.key, out.value)) == "canary"
+    with sqlite3.connect(db) as c:
+        assert c.execute("SELECT count(*) FROM effects").fetchone() == (0,)

@@ -57,8 +57,6 @@ EXCUSED = {
     # Counted by the connectors (`concord webhooks`, `concord ingest`), a separate process; this check scrapes
     # only the worker (job concord), as asked.
     "concord:ingested:rate1m": "concord_ingested_total is exported by the connectors, not by the worker",
-    # There is no canary runner.
-    "concord:canary_success_ratio:rate1h": "nothing increments concord_canary_runs_total (no canary runner)",
 }
 
 T = TypeVar("T")
@@ -279,7 +277,7 @@ def live(broker, tmp_path_factory) -> Iterator[Live]:
     token = uuid.uuid4().hex
     # SLAs shrink (4 h -> 2.9 s) so some run out and escalate while Prometheus watches.
     env = {"CONCORD_DATA_DIR": str(tmp / "worker"), "CONCORD_GAP_WAIT_S": "1", "CONCORD_SLA_SCALE": "0.0002",
-           "CONCORD_OWNER_TOKENS": f"revenue-ops={token}"}
+           "CONCORD_OWNER_TOKENS": f"revenue-ops={token}", "CONCORD_CANARY_INTERVAL_S": "1"}
     with worker_process(bs, port, app_id, tmp / "worker.log", env):
         live = Live(bs, f"http://127.0.0.1:{port}", tmp / "worker.log", "", tmp / "prometheus.log", app_id, target,
                     sim_dead_letters)

@@ -105,9 +105,15 @@ def test_status_is_queryable_and_its_table_has_a_changelog(broker, worker, uid):
 
 
 def test_metrics_count_events_commands_and_exceptions(worker):
-    text = urllib.request.urlopen(worker["url"] + "/metrics", timeout=10).read().decode()
     def value(prefix):
+        text = urllib.request.urlopen(worker["url"] + "/metrics", timeout=10).read().decode()
         return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(prefix))
+
+    deadline = time.monotonic() + 60  # the canary ran once at start: its create_invoice came back
+    while value('concord_canary_runs_total{outcome="succeeded"}') < 1:
+        assert time.monotonic() < deadline, "the canary's flow never succeeded"
+        time.sleep(0.5)
+    assert value('concord_canary_runs_total{outcome="failed"}') == 0
     assert value('concord_commands_total{target="billing",type="create_invoice"}') >= 1
     assert value('concord_events_total{outcome="applied",topic="changes.crm.deal"}') >= 1
     assert value('concord_exceptions_opened_total{owner="revenue-ops",reason="missing_billing_account"}') >= 1

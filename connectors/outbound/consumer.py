@@ -27,6 +27,7 @@ from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 
 from connectors.outbound.base import Command, FatalError, PermanentError, Result, Target, TransientError
 from connectors.outbound.metrics import ADAPTER_APPLY_SECONDS, ADAPTER_COMMANDS
+from streams.canary import is_canary
 from streams.exceptions import ConcordError, DecodeError
 from streams.routing import Routing, load_routing
 from streams.rules import stable_id
@@ -71,7 +72,7 @@ class Summary:
 
     def line(self) -> str:
         """One human line: every outcome with its count."""
-        order = ("applied", "duplicate", "rejected", "retried", "undecodable")
+        order = ("applied", "duplicate", "rejected", "retried", "undecodable", "canary")
         return ", ".join(f"{self.counts.get(k, 0)} {k}" for k in order)
 
 
@@ -111,6 +112,8 @@ class Adapter:
             self._say(f"undecodable record at {origin.topic}[{origin.partition}]@{origin.offset}: {exc}; "
                       f"dead-lettered to {deadletter_topic(origin.topic)}")
             return self._count("unknown", "undecodable")
+        if is_canary(rec.get("customer_id")):  # the synthetic flow proves the pipeline; no system should act on it
+            return self._count(rec["type"], "canary")
         started = time.monotonic()
         try:
             cmd = Command.from_record(rec)
