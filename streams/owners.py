@@ -111,6 +111,25 @@ class Desk:
             raise Refused(403, f"exception {exception_id} belongs to {rec['owner']}, not {team}")
         return rec
 
+    async def from_peers(self, request: Any) -> list[dict[str, Any]]:
+        """The same query answered by every other worker holding part of the exception table."""
+        own = str(self.app.conf.canonical_url).rstrip("/")
+        peers = sorted(str(h).rstrip("/") for h in self.app.router.table_metadata(self.exceptions.name))
+        out: list[dict[str, Any]] = []
+        query = {**request.query, "local": "1"}
+        for peer in peers:
+            if peer == own:
+                continue
+            try:
+                async with self.app.http_client.get(f"{peer}/exceptions", params=query, headers={
+                        "Authorization": request.headers.get("Authorization", "")}, timeout=10) as resp:
+                    if resp.status != 200:
+                        raise Refused(502, f"worker {peer} answered {resp.status}: {await resp.text()}")
+                    out += await resp.json()
+            except OSError as exc:
+                raise Refused(503, f"worker {peer} holds part of the queue and cannot be reached: {exc}") from None
+        return out
+
     # ---- acting --------------------------------------------------------------------------------
     async def act(self, team: str, exception_id: str, action: str, ckey: str, sets: list[str], choose: str | None,
                   note: str, user: str | None) -> dict[str, Any]:
@@ -213,7 +232,14 @@ def register_views(app: faust.App, desk: Desk) -> None:
                 owner = request.query.get("owner")
                 if owner and owner != team:
                     raise Refused(403, f"{team} may list its own queue only, not {owner}'s")
-                return self.json(desk.queue(team, request.query.get("reason"), request.query.get("state")))
+                queue = desk.queue(team, request.query.get("reason"), request.query.get("state"))
+                if not request.query.get("local"):  # the table is spread over the workers: ask the others too
+                    latest: dict[str, dict[str, Any]] = {}
+                    for rec in queue + await desk.from_peers(request):  # a standby copy may also be listed
+                        if rec["exception_id"] not in latest or newer(latest[rec["exception_id"]], rec):
+                            latest[rec["exception_id"]] = rec
+                    queue = sorted(latest.values(), key=lambda r: (r["sla_deadline"], r["exception_id"]))
+                return self.json(queue)
             except Refused as exc:
                 return refused(self, exc)
 

@@ -263,14 +263,17 @@ def build_app(settings: Settings, pipeline: Pipeline | None = None) -> faust.App
     raised = app.topic(*(t.name for t in topics.EXCEPTIONS), **raw)
     controls = app.topic(topics.GUARD_CONTROLS.name, **raw)
     # Raw keys, so faust's key -> partition routing matches the bytes the topics are keyed by.
-    table_schema = faust.Schema(key_serializer="raw", value_serializer="json")
+    # Raw (bytes) keys: faust takes a table's key serializer from its key type, not from a Schema, and defaults
+    # to json; with bytes the changelog is keyed like the input topics, recovery reads the keys back, and web
+    # requests are routed by the same hash the producers used. Values are json.
+    table_schema: dict[str, Any] = {"key_type": bytes}
     entity_to_cursor = app.Table("entity_to_cursor", default=None, partitions=topics.PARTITIONS,
-                                 schema=table_schema)
+                                 **table_schema)
     customer_to_status = app.Table("customer_to_status", default=None, partitions=topics.PARTITIONS,
-                                   schema=table_schema)
+                                   **table_schema)
     app.customer_to_status = customer_to_status  # type: ignore[attr-defined]
     exception_to_record = app.Table("exception_to_record", default=None, partitions=topics.PARTITIONS,
-                                    schema=table_schema)
+                                    **table_schema)
     app.exception_to_record = exception_to_record  # type: ignore[attr-defined]
     escalating: set[bytes] = set()  # escalated here and not yet seen back on an exceptions topic
 
