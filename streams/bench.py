@@ -217,12 +217,9 @@ def measure_concord(bs: str, deals: list[tuple[str, bytes, bytes]], run: str, ra
 
 def end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
     """The high watermark of each partition of ``topic``."""
-    c = Consumer({"bootstrap.servers": bootstrap, "group.id": "bench-offsets"})
-    try:
-        return {p: c.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
-                for p in range(topics.spec(topic).partitions)}
-    finally:
-        c.close()
+    from streams.report import end_offsets as ends
+
+    return {partition: offset for (_, partition), offset in ends(bootstrap, [topic]).items()}
 
 
 def run_bench(args: argparse.Namespace) -> int:

@@ -18,6 +18,7 @@ from typing import Any
 
 from streams.broker import ensure_topics, free_port, open_broker
 from streams.exceptions import ConcordError
+from streams.exceptions_cli import call_api
 from streams.topics import OWNERS
 
 # Reasons the demo's owners fix by taking Concord's first suggestion (or, for a gap, releasing it).
@@ -140,33 +141,19 @@ def resolve_sample(port: int, tokens: dict[str, str], report: Any, per_reason: i
             continue
         token = tokens[life["owner"]]
         try:
-            rec = _api(port, token, "GET", f"/exceptions/{eid}")
+            rec = call_api(f"http://127.0.0.1:{port}", token, "GET", f"/exceptions/{eid}")
             if not rec.get("suggestions") and life["reason"] != "sequence_gap":
                 continue
             query = {"customer": rec["customer_key"], "user": "demo"}
             if life["reason"] != "sequence_gap":
                 query["choose"] = "1"
-            _api(port, token, "POST", f"/exceptions/{eid}/resolve", query)
+            call_api(f"http://127.0.0.1:{port}", token, "POST", f"/exceptions/{eid}/resolve", query)
         except ConcordError as exc:
             say(f"could not resolve {eid[:12]} ({life['reason']}): {exc}")
             continue
         picked[life["reason"]] = picked.get(life["reason"], 0) + 1
         done.append(eid)
     return done
-
-
-def _api(port: int, token: str, method: str, path: str, query: dict[str, str] | None = None) -> Any:
-    import urllib.error
-    import urllib.parse
-
-    url = f"http://127.0.0.1:{port}{path}" + ("?" + urllib.parse.urlencode(query) if query else "")
-    req = urllib.request.Request(url, method=method, headers={"Authorization": f"Bearer {token}"},
-                                 data=b"" if method == "POST" else None)
-    try:
-        with urllib.request.urlopen(req, timeout=10) as resp:
-            return json.load(resp)
-    except urllib.error.HTTPError as exc:
-        raise ConcordError(f"{exc.code} {exc.read().decode(errors='replace')}") from None
 
 
 def _progress(verb: str) -> Any:

@@ -19,11 +19,9 @@ class ApiError(ConcordError):
     """A worker refused a request; the message is the worker's reason."""
 
 
-def _call(args: argparse.Namespace, method: str, path: str, query: list[tuple[str, str]] | None = None) -> Any:
-    token = args.token or os.environ.get("CONCORD_TOKEN")
-    if not token:
-        raise ConcordError("no team credential: pass --token or set CONCORD_TOKEN")
-    url = f"{args.url.rstrip('/')}{path}" + (f"?{urllib.parse.urlencode(query)}" if query else "")
+def call_api(base_url: str, token: str, method: str, path: str, query: Any = None) -> Any:
+    """One request to a worker's owners' API; ApiError carries the worker's reason for a refusal."""
+    url = f"{base_url.rstrip('/')}{path}" + (f"?{urllib.parse.urlencode(query)}" if query else "")
     req = urllib.request.Request(url, method=method, headers={"Authorization": f"Bearer {token}"},
                                  data=b"" if method == "POST" else None)
     try:
@@ -37,7 +35,14 @@ def _call(args: argparse.Namespace, method: str, path: str, query: list[tuple[st
             pass
         raise ApiError(f"{exc.code}: {body}") from None
     except OSError as exc:
-        raise ConcordError(f"cannot reach a worker at {args.url}: {exc}") from None
+        raise ConcordError(f"cannot reach a worker at {base_url}: {exc}") from None
+
+
+def _call(args: argparse.Namespace, method: str, path: str, query: list[tuple[str, str]] | None = None) -> Any:
+    token = args.token or os.environ.get("CONCORD_TOKEN")
+    if not token:
+        raise ConcordError("no team credential: pass --token or set CONCORD_TOKEN")
+    return call_api(args.url, token, method, path, query)
 
 
 def _list(args: argparse.Namespace) -> int:

@@ -15,6 +15,7 @@ from typing import Any
 
 from streams import guard, metrics, topics
 from streams.exceptions import DecodeError, ValidationError
+from streams.ids import command_id, stable_id
 from streams.serde import Codec
 from streams.status import clone
 from streams.validate import validate_change
@@ -121,7 +122,7 @@ class Pipeline:
             system, entity_type, entity_id = gkey.decode().split(":", 2)
             first = cursor["parked"][0]
             draft = {
-                "exception_id": _stable_id("sequence_gap", gkey.decode(), str(first["seq"])),
+                "exception_id": stable_id("sequence_gap", gkey.decode(), str(first["seq"])),
                 "reason_code": "sequence_gap", "trace_id": first["event_id"], "source_system": system,
                 "entity_type": entity_type, "entity_id": entity_id,
                 "customer_id": None if first["ref"][4].startswith("unknown:") else first["ref"][4],
@@ -240,13 +241,13 @@ class Pipeline:
         for gone in getattr(outcome, "resolved", ()):
             outs += self._resolved_outs(gone, now, _original(gone, original), actor, patch)
         for draft in outcome.exceptions:
-            outs += self._exception_outs(draft, now, original)
+            record = self._route(draft, now)
+            outs += self._exception_outs(draft, now, original, routed=record)
             exception_ids.append(draft["exception_id"])
             if draft["exception_id"] in open_now:  # the event to replay, and who may fix it
-                route = self._route(draft, now)
                 open_now[draft["exception_id"]].update(
-                    original=[src_topic, src_part, src_offset, value.hex()], owner=route["owner"],
-                    backup=route["backup_owner"], trace_id=draft["trace_id"], message=draft["message"])
+                    original=[src_topic, src_part, src_offset, value.hex()], owner=record["owner"],
+                    backup=record["backup_owner"], trace_id=draft["trace_id"], message=draft["message"])
         for draft in getattr(outcome, "updated", ()):
             outs += self._exception_outs(draft, now, _original(open_now.get(draft["exception_id"]), original),
                                          opened=False)
@@ -317,8 +318,9 @@ class Pipeline:
                                   "offset": entry["original"][2], "key": key, "value": value}
         return [Out(topics.exceptions_topic(record["owner"]), eid.encode(), self.codec.encode("exception", record))]
 
-    def _exception_outs(self, draft: dict[str, Any], now: int, original: tuple, opened: bool = True) -> list[Out]:
-        record = self._route(draft, now)
+    def _exception_outs(self, draft: dict[str, Any], now: int, original: tuple, opened: bool = True,
+                        routed: dict[str, Any] | None = None) -> list[Out]:
+        record = routed if routed is not None else self._route(draft, now)
         topic, part, offset, key, value = original
         record["original"] = {"topic": topic, "partition": part, "offset": offset, "key": key, "value": value}
         if opened:  # an update of an open exception republishes it without counting it again
@@ -359,7 +361,7 @@ class Pipeline:
     def billing_hold(self, rec: dict[str, Any], now: int, hold: bool) -> Out:
         """A command telling billing to hold (or release) an entity while its exception is overdue."""
         ctype = "hold_billing" if hold else "release_billing_hold"
-        cmd = {"command_id": "cmd_" + _stable_id(ctype, rec["exception_id"]), "type": ctype, "target_system": "billing",
+        cmd = {"command_id": command_id(ctype, rec["exception_id"]), "type": ctype, "target_system": "billing",
                "customer_id": rec.get("customer_id"), "entity_type": rec["entity_type"], "entity_id": rec["entity_id"],
                "payload": json.dumps({"exception_id": rec["exception_id"], "reason_code": rec["reason_code"],
                                       "hold": hold}, sort_keys=True),
@@ -419,5 +421,3 @@ def _original(entry: dict[str, Any] | None, default: tuple) -> tuple:
     return (topic, part, offset, entry.get("entity_id", "").encode() or None, bytes.fromhex(value_hex))
 
 
-def _stable_id(*parts: str) -> str:
-    return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:32]

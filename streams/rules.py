@@ -17,6 +17,7 @@ from typing import Any
 
 from streams.exceptions import ValidationError
 from streams.flow_config import FlowConfig
+from streams.ids import command_id, stable_id
 from streams.status import (
     COLLECTION,
     apply_event,
@@ -45,21 +46,6 @@ class Outcome:
     resolved: list[dict[str, Any]] = field(default_factory=list)  # closed now because the data was fixed
     updated: list[dict[str, Any]] = field(default_factory=list)  # still open, but what is wrong has changed
     facts: dict[str, Any] = field(default_factory=dict)
-
-
-@functools.lru_cache(maxsize=1 << 17)
-def stable_id(*parts: str) -> str:
-    """A deterministic id: the same parts always give it, different parts practically never do.
-
-    Cached: every decision recomputes the ids of all of the customer's warranted commands to see which
-    were issued, so most calls repeat one made for the customer's previous event.
-    """
-    return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:32]
-
-
-def command_id(*parts: str) -> str:
-    """A command's idempotency key: deterministic, and marked so that echoes of it are recognised (cmd_...)."""
-    return "cmd_" + stable_id(*parts)
 
 
 def decide(status: dict[str, Any] | None, event: dict[str, Any], cfg: FlowConfig, now: int) -> Outcome:

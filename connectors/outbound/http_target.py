@@ -16,6 +16,7 @@ from typing import Any
 from connectors.outbound.base import (
     APPLIED,
     DUPLICATE,
+    REQUIRED,
     Command,
     FatalError,
     PermanentError,
@@ -24,8 +25,7 @@ from connectors.outbound.base import (
     check,
 )
 
-TYPES = frozenset({"create_invoice", "create_job", "update_deal_billing_status", "void_invoice", "update_customer",
-                   "hold_billing", "release_billing_hold"})
+TYPES = frozenset(REQUIRED)  # every command type Concord issues
 
 
 class HttpTarget:
