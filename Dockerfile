@@ -8,7 +8,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /app
 COPY pyproject.toml README.md ./
-COPY streams ./streams
+COPY concord ./concord
 COPY connectors ./connectors
 COPY schemas ./schemas
 RUN pip install . \

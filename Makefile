@@ -44,8 +44,8 @@ test: $(STAMP) $(APT_STAMP) ## install what the tests need and run the whole sui
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP) ## ruff and mypy
-	$(VENV)/bin/ruff check streams connectors schemas tests
-	$(VENV)/bin/mypy streams connectors schemas
+	$(VENV)/bin/ruff check concord connectors schemas tests
+	$(VENV)/bin/mypy concord connectors schemas
 
 bench: $(STAMP) ## throughput and latency on the embedded broker; prints a `bench:` line
 	$(VENV)/bin/concord bench $(BENCH_ARGS)

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from streams.broker import Broker, docker_engine_answers, ensure_topics, open_broker
+from concord.runtime.broker import Broker, docker_engine_answers, ensure_topics, open_broker
 
 
 @pytest.fixture(scope="session")

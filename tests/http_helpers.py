@@ -12,7 +12,7 @@ from contextlib import contextmanager
 
 from aiohttp import web
 
-from streams.broker import free_port
+from concord.runtime.broker import free_port
 
 
 @contextmanager

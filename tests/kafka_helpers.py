@@ -9,9 +9,9 @@ from dataclasses import dataclass
 
 from confluent_kafka import Consumer, Producer, TopicPartition
 
-from streams import topics
-from streams.report import end_offsets  # noqa: F401 - re-exported for the tests
-from streams.serde import Codec
+from concord.contracts import topics
+from concord.contracts.codec import Codec
+from concord.tools.report import end_offsets  # noqa: F401 - re-exported for the tests
 
 CODEC = Codec()
 

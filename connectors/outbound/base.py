@@ -9,7 +9,7 @@ from typing import Any, Protocol
 APPLIED = "applied"
 DUPLICATE = "duplicate"
 
-# Fields each command type's payload must carry (streams/rules.py builds them).
+# Fields each command type's payload must carry (concord/domain/rules.py builds them).
 REQUIRED: dict[str, tuple[str, ...]] = {
     "create_invoice": ("customer_id", "lines", "amount_cents"),
     "create_job": ("deal_id", "customer_id"),

@@ -9,9 +9,9 @@ import signal
 import sys
 from typing import Any
 
+from concord.contracts.topics import COMMANDS, EXCEPTIONS, TARGET_SYSTEMS
 from connectors.outbound.base import FatalError, Target
 from connectors.outbound.consumer import Adapter, AdapterError, RetryPolicy
-from streams.topics import COMMANDS, EXCEPTIONS, TARGET_SYSTEMS
 
 BACKENDS = ("sandbox", "stripe", "salesforce", "hubspot", "http")
 # Which command topics a backend can serve (the vendor targets serve their own system only).
@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
         return _usage(f"the {args.target} target serves {','.join(sorted(SERVES[args.target]))} only")
     if args.max_attempts < 1 or args.backoff <= 0 or args.max_backoff < args.backoff:
         return _usage("need --max-attempts >= 1 and 0 < --backoff <= --max-backoff")
-    from streams.broker import ensure_topics, open_broker
+    from concord.runtime.broker import ensure_topics, open_broker
 
     with contextlib.ExitStack() as stack:
         bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
         if args.metrics_port:
             from prometheus_client import start_http_server
 
-            from streams.metrics import REGISTRY
+            from concord.runtime.metrics import REGISTRY
 
             start_http_server(args.metrics_port, addr=args.metrics_host, registry=REGISTRY)
         adapter = Adapter(bootstrap, target, systems, group=args.group,

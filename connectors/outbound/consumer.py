@@ -8,7 +8,7 @@ One confluent-kafka consumer (group ``concord-adapters-<backend>`` unless told o
 2. apply it through the target; transient failures (network, 429, 5xx) are retried with capped
    exponential backoff, the same command id as the idempotency key each time;
 3. a permanent rejection (4xx, invalid payload) becomes a ``command_rejected`` exception on
-   ``exceptions.<owner>`` (routing from streams/config/routing.yaml), its id derived from the command
+   ``exceptions.<owner>`` (routing from concord/config/routing.yaml), its id derived from the command
    id so a redelivered rejection is the same exception, carrying the original record;
 4. only then is the offset committed. A fatal error (bad credentials) or retries exhausted stop the
    consumer without committing, so the command comes back when it restarts.
@@ -25,14 +25,14 @@ from typing import Any, TextIO
 
 from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 
+from concord.contracts.codec import Codec
+from concord.contracts.topics import commands_topic, deadletter_topic, exceptions_topic
+from concord.domain.routing import Routing, load_routing
+from concord.domain.rules import stable_id
+from concord.exceptions import ConcordError, DecodeError
+from concord.runtime.canary import is_canary
 from connectors.outbound.base import Command, FatalError, PermanentError, Result, Target, TransientError
 from connectors.outbound.metrics import ADAPTER_APPLY_SECONDS, ADAPTER_COMMANDS
-from streams.canary import is_canary
-from streams.exceptions import ConcordError, DecodeError
-from streams.routing import Routing, load_routing
-from streams.rules import stable_id
-from streams.serde import Codec
-from streams.topics import commands_topic, deadletter_topic, exceptions_topic
 
 
 class AdapterError(ConcordError):

@@ -1,10 +1,10 @@
-"""Metrics of the command adapters, registered on Concord's one registry (streams.metrics.REGISTRY)."""
+"""Metrics of the command adapters, registered on Concord's one registry (concord.runtime.metrics.REGISTRY)."""
 
 from __future__ import annotations
 
 from prometheus_client import Counter, Histogram
 
-from streams.metrics import REGISTRY
+from concord.runtime.metrics import REGISTRY
 
 ADAPTER_COMMANDS = Counter(
     "concord_adapter_commands_total", "Commands an adapter handled, by target backend, command type and outcome "

@@ -1,0 +1,1 @@
+"""The owners' side: exception queues, actions on them, and the `concord exceptions` command."""

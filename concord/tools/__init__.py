@@ -1,0 +1,1 @@
+"""Commands around the pipeline: the CLI, demo, simulator, reconciliation report and bench."""

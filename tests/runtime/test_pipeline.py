@@ -1,0 +1,139 @@
+"""The pipeline core without a broker: what each input turns into."""
+
+from types import SimpleNamespace
+
+from concord.contracts import topics
+from concord.contracts.codec import Codec
+from concord.runtime.pipeline import SRC_OFFSET, SRC_TOPIC, Pipeline, Record
+
+CODEC = Codec()
+DEALS = "changes.crm.deal"
+
+
+def event(seq, eid=None, entity="d1", stage="open", contiguous=True, **kw):
+    base = dict(event_id=eid or f"{entity}-{seq}", source_system="crm", entity_type="deal", entity_id=entity,
+                customer_id="c1", seq=seq, seq_contiguous=contiguous, op="update", occurred_at=1000,
+                ingested_at=1000, trace_id=f"t-{entity}", payload={"stage": stage})
+    base.update(kw)
+    return base
+
+
+class Harness:
+    """Runs records through both stages the way the worker does, with plain dicts as tables."""
+
+    def __init__(self, now=0):
+        self.clock = {"now": now}
+        self.calls = []
+        self.pipeline = Pipeline(CODEC, self.decide, self.route, gap_wait_ms=1000, clock=lambda: self.clock["now"])
+        self.cursors, self.statuses, self.offset = {}, {}, 0
+        self.out = []
+
+    def decide(self, status, ev, now):
+        self.calls.append(ev["event_id"])
+        seen = list((status or {}).get("seen", [])) + [ev["event_id"]]
+        return SimpleNamespace(status={"seen": seen}, commands=[], exceptions=[])
+
+    def route(self, draft, now):
+        return {**draft, "state": "open", "owner": "revenue-ops", "backup_owner": None, "severity": "high",
+                "blocks_billing": False, "opened_at": now, "sla_deadline": now + 1, "updated_at": now,
+                "original": None, "resolution": None, "attempts": 1}
+
+    def feed(self, value, topic=DEALS, key=b"d1"):
+        rec = Record(topic, 0, self.offset, key, value)
+        self.offset += 1
+        self.run(self.pipeline.guard(rec, self.cursors))
+        return rec
+
+    def run(self, outs):
+        for o in outs:
+            self.out.append(o)
+            if o.topic == topics.ACCEPTED.name:
+                self.run(self.pipeline.decide(Record(o.topic, 0, 0, o.key, o.value, dict(o.headers)), self.statuses))
+
+    def decisions(self):
+        return [CODEC.decode(o.value)[1] for o in self.out if o.topic == topics.AUDIT.name]
+
+    def on(self, topic):
+        return [o for o in self.out if o.topic == topic]
+
+
+def test_undecodable_bytes_become_a_dead_letter_with_original_bytes():
+    h = Harness()
+    h.feed(b"\xde\xad\xbe\xef")
+    [dl] = h.on(topics.deadletter_topic(DEALS))
+    _, rec = CODEC.decode(dl.value)
+    assert rec["original_value"] == b"\xde\xad\xbe\xef" and rec["stage"] == "decode"
+    assert dict(dl.headers)["concord-stage"] == b"decode" and dict(dl.headers)[SRC_TOPIC] == DEALS.encode()
+    assert [d["outcome"] for d in h.decisions()] == ["dead_lettered"]
+
+
+def test_schema_invalid_is_dead_lettered_at_validate():
+    h = Harness()
+    h.feed(CODEC.encode("change_event", event(1, stage="won-ish")))
+    [dl] = h.on(topics.deadletter_topic(DEALS))
+    assert CODEC.decode(dl.value)[1]["stage"] == "validate"
+    assert "won-ish" in CODEC.decode(dl.value)[1]["error"]
+
+
+def test_wrong_topic_is_invalid():
+    h = Harness()
+    h.feed(CODEC.encode("change_event", event(1)), topic="changes.billing.invoice")
+    assert [d["outcome"] for d in h.decisions()] == ["dead_lettered"]
+
+
+def test_duplicate_and_stale_are_decided_not_applied():
+    h = Harness()
+    h.feed(CODEC.encode("change_event", event(1, contiguous=False)))
+    h.feed(CODEC.encode("change_event", event(1, contiguous=False)))
+    h.feed(CODEC.encode("change_event", event(3, contiguous=False)))
+    h.feed(CODEC.encode("change_event", event(2, contiguous=False)))
+    assert [d["outcome"] for d in h.decisions()] == ["applied", "duplicate", "applied", "stale"]
+    assert h.calls == ["d1-1", "d1-3"]
+
+
+def test_gap_parks_and_releases_in_order_with_original_coordinates():
+    h = Harness()
+    h.feed(CODEC.encode("change_event", event(1)))
+    h.feed(CODEC.encode("change_event", event(3)))
+    h.feed(CODEC.encode("change_event", event(4)))
+    assert h.calls == ["d1-1"]
+    h.feed(CODEC.encode("change_event", event(2)))
+    assert h.calls == ["d1-1", "d1-2", "d1-3", "d1-4"]
+    outcomes = [(d["offset"], d["outcome"]) for d in h.decisions()]
+    assert outcomes == [(0, "applied"), (1, "parked"), (2, "parked"), (3, "applied"), (1, "applied"), (2, "applied")]
+    accepted = h.on(topics.ACCEPTED.name)
+    assert [dict(o.headers)[SRC_OFFSET] for o in accepted] == [b"0", b"3", b"1", b"2"]
+    assert all(o.key == b"c1" for o in accepted)
+
+
+def test_overdue_gap_raises_one_sequence_gap_exception_and_owner_can_release():
+    h = Harness(now=10_000)
+    h.feed(CODEC.encode("change_event", event(1)))
+    h.feed(CODEC.encode("change_event", event(4)))
+    assert h.pipeline.tick(0, h.cursors) == []  # not overdue yet
+    h.clock["now"] = 11_000
+    h.run(h.pipeline.tick(0, h.cursors))
+    h.run(h.pipeline.tick(0, h.cursors))
+    [exc] = h.on(topics.exceptions_topic("revenue-ops"))
+    rec = CODEC.decode(exc.value)[1]
+    assert rec["reason_code"] == "sequence_gap" and "[2, 3]" in rec["message"]
+    assert rec["original"]["offset"] == 1
+    h.run(h.pipeline.release(b"crm:deal:d1", h.cursors))
+    assert h.calls == ["d1-1", "d1-4"]
+    assert h.cursors[b"crm:deal:d1"]["parked"] == []
+
+
+def test_a_gap_that_fills_itself_resolves_its_exception():
+    h = Harness(now=10_000)
+    h.feed(CODEC.encode("change_event", event(1)))
+    h.feed(CODEC.encode("change_event", event(3)))
+    h.clock["now"] = 11_001
+    h.run(h.pipeline.tick(0, h.cursors))
+    [opened] = h.on(topics.exceptions_topic("revenue-ops"))
+    h.clock["now"] = 15_000
+    h.feed(CODEC.encode("change_event", event(2)))
+    assert h.calls == ["d1-1", "d1-2", "d1-3"]
+    closed = CODEC.decode(h.on(topics.exceptions_topic("revenue-ops"))[-1].value)[1]
+    assert closed["exception_id"] == CODEC.decode(opened.value)[1]["exception_id"]
+    assert closed["state"] == "resolved" and closed["resolution"]["by"] == "concord"
+    assert closed["opened_at"] == 11_001 and closed["updated_at"] == 15_000
