@@ -157,7 +157,8 @@ def _inject(rec: dict[str, dict[str, dict[str, Any]]], rng: random.Random, end: 
 Injected = list[tuple[str, str, str]]
 
 
-def write_example(dest: str | Path, customers: int = 40, seed: int = 16) -> tuple[list[Path], Injected, int]:
+def write_example(dest: str | Path, customers: int = 40, seed: int = 16,
+                  inject: bool = True) -> tuple[list[Path], Injected, int]:
     """Write the example exports into ``dest``; return (files, injected disagreements, the as-of time in ms)."""
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
@@ -166,7 +167,7 @@ def write_example(dest: str | Path, customers: int = 40, seed: int = 16) -> tupl
     end = max(e["occurred_at"] for e in history) + HOUR
     rec = _final(history)
     _clean(rec)
-    injected = _inject(rec, rng, end)
+    injected = _inject(rec, rng, end) if inject else []
     stripe_of = {cid: c["external_ids"].get("stripe") or f"cus_{cid[-4:]}" for cid, c in rec["customer"].items()}
     paths = [dest / f for f in FILES]
     _write_csv(paths[0], ["Account ID", "Account Name", "Billing Email", "Billing Account ID", "Billing Terms",
