@@ -128,6 +128,11 @@ def _finding(kind: str, ref: dict[str, Any], st: dict[str, Any] | None, routing:
                    message, evidence(st, etype, eid) if st else {}, truth, fix, trace_id)
 
 
+def amount_at_risk(st: dict[str, Any], etype: str, eid: str) -> int:
+    """The money (cents) held up while the record ``etype`` ``eid`` of this customer is in dispute."""
+    return _money(st, etype, eid)[0]
+
+
 def _money(st: dict[str, Any] | None, etype: str, eid: str) -> tuple[int, str, int | None]:
     """(amount at risk in cents, currency, last change) of the record a finding is about."""
     if not st:

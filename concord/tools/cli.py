@@ -21,6 +21,7 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
     "connectors.inbound.webhooks",
     "connectors.outbound.cli",
     "concord.tools.audit",
+    "concord.tools.rules_diff",
 )
 
 
