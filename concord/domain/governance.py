@@ -6,8 +6,8 @@ import hashlib
 import json
 from typing import Any
 
-from concord.domain.flow_config import FlowConfig
-from concord.domain.routing import Routing
+from concord.domain.flow_config import FlowConfig, load_flow_config
+from concord.domain.routing import Routing, load_routing
 
 
 def config_digest(cfg: FlowConfig, routing: Routing) -> str:
@@ -15,6 +15,11 @@ def config_digest(cfg: FlowConfig, routing: Routing) -> str:
     body = json.dumps({"flows": cfg.model_dump(mode="json"), "routing": routing.model_dump(mode="json")},
                       sort_keys=True).encode()
     return hashlib.blake2b(body, digest_size=8).hexdigest()
+
+
+def running_digest() -> str:
+    """The digest of the configuration a worker loads ($CONCORD_FLOWS / $CONCORD_ROUTING, else the repository's)."""
+    return config_digest(load_flow_config(), load_routing())
 
 
 def config_change(*, before: str, after: str, approved_by: str, approved_at: int, reason: str,

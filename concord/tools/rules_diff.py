@@ -30,6 +30,7 @@ from concord.domain.flow_config import FlowConfig
 from concord.domain.governance import config_change, config_digest
 from concord.domain.reconcile import amount_at_risk
 from concord.domain.routing import Routing, parse_duration
+from concord.domain.yamlconf import load_model
 from concord.exceptions import ConcordError
 from concord.runtime.harness import InProcess
 from connectors.inbound import canonical
@@ -225,9 +226,15 @@ def history_from_topics(bootstrap: str, since_ms: int, timeout: float = 30.0) ->
 
 
 def _configs(args: argparse.Namespace) -> tuple[tuple[FlowConfig, Routing], tuple[FlowConfig, Routing]]:
-    current = (flow_config.load_flow_config(args.current_flows), routing_mod.load_routing(args.current_routing))
-    proposed = (flow_config.load_flow_config(args.flows) if args.flows else current[0],
-                routing_mod.load_routing(args.routing) if args.routing else current[1])
+    # Read from disk every time (not the loaders' cache): apply may just have replaced the current files.
+    def flows(path: str | None) -> FlowConfig:
+        return load_model(Path(path or flow_config.DEFAULT_PATH), FlowConfig)
+
+    def routes(path: str | None) -> Routing:
+        return load_model(Path(path or routing_mod.DEFAULT_PATH), Routing)
+
+    current = (flows(args.current_flows), routes(args.current_routing))
+    proposed = (flows(args.flows) if args.flows else current[0], routes(args.routing) if args.routing else current[1])
     return current, proposed
 
 
