@@ -180,7 +180,8 @@ def evidence(st: dict[str, Any], etype: str, eid: str) -> dict[str, str]:
                    f"{d.get('currency')}, billing status {d.get('billing_status') or 'none'}, SKUs "
                    + ", ".join(ln["sku"] for ln in d.get("lines", [])))
     out["crm"] = "; ".join(crm)
-    jobs = [f"job {j}: {st['jobs'][j].get('status')}" + (" (completed)" if st["jobs"][j].get("completed_at") else "")
+    jobs = [f"job {j}: {st['jobs'][j].get('status')}" + (" (after completion)" if st["jobs"][j].get("completed_at")
+                                                          and st["jobs"][j].get("status") != "completed" else "")
             + f", deal {st['jobs'][j].get('deal_id') or 'none'}" for j in job_ids if j in st["jobs"]]
     out["dispatch"] = "; ".join(jobs) or "no job"
     invs = invoices_of(st, deal_id=deal_id) if deal_id else []

@@ -26,14 +26,14 @@ def _bars(rows: list[tuple[str, float]], fmt: str, title: str, plot_id: str, col
     """A horizontal bar chart as inline SVG."""
     height = 24 * len(rows) + 10
     top = max((v for _, v in rows), default=0) or 1
-    parts = [f'<figure><figcaption>{escape(title)}</figcaption><svg id="{plot_id}" class="plot" width="460" '
+    parts = [f'<figure><figcaption>{escape(title)}</figcaption><svg id="{plot_id}" class="plot" width="500" '
              f'height="{height}" role="img" aria-label="{escape(title)}" xmlns="http://www.w3.org/2000/svg">']
     for i, (label, value) in enumerate(rows):
         y = 5 + 24 * i
-        w = 250 * value / top
-        parts.append(f'<text x="150" y="{y + 15}" text-anchor="end" font-size="12">{escape(label)}</text>'
-                     f'<rect class="bar" x="156" y="{y}" width="{w:.1f}" height="18" fill="{color}"/>'
-                     f'<text x="{160 + w:.1f}" y="{y + 15}" font-size="12">{fmt.format(value)}</text>')
+        w = 220 * value / top
+        parts.append(f'<text x="180" y="{y + 15}" text-anchor="end" font-size="12">{escape(label)}</text>'
+                     f'<rect class="bar" x="186" y="{y}" width="{w:.1f}" height="18" fill="{color}"/>'
+                     f'<text x="{190 + w:.1f}" y="{y + 15}" font-size="12">{fmt.format(value)}</text>')
     if not rows:
         parts.append('<text x="10" y="20" font-size="12">nothing to plot</text>')
     return "".join(parts) + "</svg></figure>"

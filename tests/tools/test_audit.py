@@ -134,3 +134,25 @@ def test_the_example_set_is_deterministic(tmp_path):
     a, ia, _ = write_example(tmp_path / "a")
     b, ib, _ = write_example(tmp_path / "b")
     assert ia == ib and [p.read_bytes() for p in a] == [Path(p).read_bytes() for p in b]
+
+
+def test_hubspot_deals_and_stripe_invoice_csv_exports_join_on_their_columns(tmp_path):
+    accounts = tmp_path / "accounts.csv"
+    accounts.write_text("Account ID,Account Name,Billing Account ID,Billing Terms,Stripe Customer ID\n"
+                        "c-7,Birch Co,acct_7,net_30,cus_7\n")
+    deals = tmp_path / "hubspot-deals.csv"
+    deals.write_text("Record ID,Deal Name,Deal Stage,Concord Customer ID,Line Item SKU,Line Item Quantity,"
+                     "Line Item Unit Price\n"
+                     "901,Boiler,closedwon,c-7,HW-BOILER,1,\"1,200.00\"\n"
+                     "901,Boiler,closedwon,c-7,SVC-INSTALL,1,300.00\n"
+                     "902,Pump,appointmentscheduled,c-7,HW-PUMP,1,900.00\n")
+    invoices = tmp_path / "stripe-invoices.csv"
+    invoices.write_text("id,Customer,Status,Amount Due,Amount Paid,Currency,Date (UTC),concord_deal_id (metadata)\n"
+                        "in_7,cus_7,open,1400.00,0,usd,2026-01-20 10:00:00,901\n")
+    assert [audit_exports.detect(p.read_bytes(), p.name) for p in (accounts, deals, invoices)] == [
+        "salesforce-accounts", "hubspot-deals", "stripe-invoices"]
+    audit = run_audit([invoices, deals, accounts], as_of=1769904000000)  # accounts are read first, whatever order
+    assert {(f.kind, f.entity_id, f.customer_id) for f in audit.items} == {
+        ("amount_mismatch", "in_7", "c-7"), ("billing_drift", "901", "c-7")}  # the CRM has no billing status yet
+    [f] = [f for f in audit.items if f.kind == "amount_mismatch"]
+    assert "1400.00" in f.message and "1500.00" in f.message
