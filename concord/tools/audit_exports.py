@@ -224,7 +224,13 @@ def _csv_batch(fmt: CsvFormat, data: bytes, ctx: c.Context, name: str) -> ingest
         where = f"{name} row {items[0][0]}"
         try:
             first = items[0][1]
-            lines = [ln for ln in (_line(fmt, r) for _, r, _ in items) if ln]
+            lines = []
+            for n, row, _ in items:
+                where = f"{name} row {n}"  # the row a bad line item is on, not just its record's first
+                ln = _line(fmt, row)
+                if ln:
+                    lines.append(ln)
+            where = f"{name} row {items[0][0]}"
             payload = _payload(fmt, first, lines)
             customer_id = _customer(fmt, first, ctx)
             for system, col in fmt.links.items():

@@ -75,14 +75,15 @@ def test_a_bad_row_is_named_by_file_and_row_and_exits_two(tmp_path, capsys):
     paths, _, end = write_example(tmp_path, inject=False)
     opps = paths[FILES.index("salesforce_opportunities.csv")]
     lines = opps.read_text().splitlines()
-    cells = next(csv.reader([lines[3]]))
-    cells[9] = "two"  # Quantity
-    lines[3] = ",".join(f'"{x}"' for x in cells)
+    rows = [next(csv.reader([ln])) for ln in lines]
+    n = next(i for i in range(2, len(rows)) if rows[i][0] == rows[i - 1][0])  # a deal's second product line
+    rows[n][9] = "two"  # Quantity
+    lines[n] = ",".join(f'"{x}"' for x in rows[n])
     opps.write_text("\n".join(lines) + "\n")
     rc = main(["audit", *map(str, paths), "--out", str(tmp_path / "r"), "--as-of", str(end)])
     err = capsys.readouterr().err
     assert rc == 2
-    assert f"{opps} row 4" in err and "'two' is not an integer" in err
+    assert f"{opps} row {n + 1}" in err and "'two' is not an integer" in err
     doc = json.loads((tmp_path / "r" / "report.json").read_text())
     [bad] = doc["unreadable"]
     assert b"two" in __import__("base64").b64decode(bad["original_base64"])  # the dead letter keeps the bytes
