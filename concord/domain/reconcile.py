@@ -85,6 +85,19 @@ def findings(statuses: dict[Any, dict[str, Any]], commands: list[dict[str, Any]]
         kind, message = gap
         f = _finding(kind, cmd, st, routing, message, cmd.get("trace_id") or "")
         out.setdefault(f.key, f)
+    for st in by_customer.values():  # records no export ties to a customer: the rules alone say nothing of some
+        if st.get("customer_id"):
+            continue
+        for etype, coll in (("deal", "deals"), ("job", "jobs"), ("invoice", "invoices"), ("payment", "payments")):
+            for eid, rec in sorted(st[coll].items()):
+                if any(k[1:] == (etype, eid) for k in out) or rec.get("deleted"):
+                    continue
+                ref = {"entity_type": etype, "entity_id": eid, "customer_id": None,
+                       "source_system": {"deal": "crm", "job": "dispatch"}.get(etype, "billing")}
+                f = _finding("unknown_customer", ref, st, routing, f"{etype} {eid} belongs to no customer the CRM "
+                             "export knows (no account id, or a native customer id no account links to)",
+                             rec.get("trace_id") or "")
+                out.setdefault(f.key, f)
     return sorted(out.values(), key=lambda f: (f.owner, f.kind, f.customer_id or "", f.entity_id))
 
 

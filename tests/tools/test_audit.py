@@ -157,3 +157,13 @@ def test_hubspot_deals_and_stripe_invoice_csv_exports_join_on_their_columns(tmp_
         ("amount_mismatch", "in_7", "c-7"), ("billing_drift", "901", "c-7")}  # the CRM has no billing status yet
     [f] = [f for f in audit.items if f.kind == "amount_mismatch"]
     assert "1400.00" in f.message and "1500.00" in f.message
+
+
+def test_a_billing_record_of_a_customer_no_export_knows_is_a_finding(tmp_path):
+    inv = {"id": "in_9", "object": "invoice", "customer": "cus_nobody", "status": "open", "currency": "usd",
+           "amount_due": 7000, "amount_paid": 0, "created": 1767225600, "metadata": {"concord_deal_id": "d-9"},
+           "lines": {"data": []}}
+    path = tmp_path / "invoices.json"
+    path.write_text(json.dumps({"object": "list", "data": [inv]}))
+    [f] = run_audit([path], as_of=1767312000000).items
+    assert (f.kind, f.entity_id, f.owner, f.amount_cents) == ("unknown_customer", "in_9", "revenue-ops", 7000)
