@@ -314,10 +314,10 @@ def run_apply(args: argparse.Namespace) -> int:
                            approved_at=int(time.time() * 1000), reason=args.reason or "",
                            summary=summary_of(doc),
                            files={str(d): hashlib.sha256(Path(s).read_bytes()).hexdigest() for s, d in installs})
-    from confluent_kafka import Producer
+    from concord.runtime.producer import new_producer
 
     ensure_topics(bootstrap, [topics.CONFIG_CHANGES])
-    producer = Producer({"bootstrap.servers": bootstrap, "acks": "all"})
+    producer = new_producer(bootstrap)
     errors: list[str] = []
     producer.produce(topics.CONFIG_CHANGES.name, key=record["digest_after"].encode(),
                      value=Codec().encode("config_change", record, topics.CONFIG_CHANGES.name),
