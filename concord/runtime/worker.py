@@ -325,9 +325,13 @@ def build_app(settings: Settings, pipeline: Pipeline | None = None) -> faust.App
     async def metrics_page(web: Any, request: Any) -> Any:
         return web.bytes(generate_latest(metrics.REGISTRY), content_type=CONTENT_TYPE_LATEST.split(";")[0])
 
+    from concord.domain.governance import running_digest
+
+    metrics.CONFIG_INFO.labels(running_digest()).set(1)
+
     @app.page("/healthz")
     async def healthz(web: Any, request: Any) -> Any:
-        return web.json({"ok": True, "app_id": settings.app_id})
+        return web.json({"ok": True, "app_id": settings.app_id, "config_digest": running_digest()})
 
     @app.page("/customers/{customer_id}")
     @app.table_route(table=customer_to_status, match_info="customer_id")
