@@ -1,4 +1,4 @@
-"""Schemas parse, and every committed version of each stays readable by the current one."""
+"""Schemas parse, and every committed version of each stays readable by the current one, union branches too."""
 
 import copy
 
@@ -6,7 +6,7 @@ import pytest
 from fastavro.read import SchemaResolutionError
 
 import schemas
-from schemas.compat import check, committed_versions
+from schemas.compat import check, check_branches, committed_versions
 
 
 @pytest.mark.parametrize("name", schemas.SCHEMA_FILES)
@@ -15,6 +15,34 @@ def test_current_schema_reads_every_committed_version(name):
     versions = committed_versions(name)
     for _commit, raw in versions:
         check(schemas.expand_all(raw)[name], current)  # raises on an incompatible change
+
+
+@pytest.mark.parametrize("name", schemas.SCHEMA_FILES)
+def test_every_payload_branch_of_every_committed_version_reads_as_the_same_record(name):
+    current = schemas.document(name)
+    for _commit, raw in committed_versions(name):
+        check_branches(schemas.expand_all(raw)[name], current)
+
+
+def _payload_types(doc):
+    return next(f for f in doc["fields"] if f["name"] == "payload")["type"]
+
+
+def test_branch_check_accepts_reordered_branches():
+    new = copy.deepcopy(schemas.document("change_event"))
+    null, customer, deal, job, invoice, payment = _payload_types(new)
+    _payload_types(new)[:] = [null, deal, payment, customer, job, invoice]  # Deal first: it defines Line
+    check_branches(schemas.document("change_event"), new)
+
+
+def test_branch_check_rejects_a_payload_that_would_read_as_another_record():
+    new = copy.deepcopy(schemas.document("change_event"))
+    branches = _payload_types(new)
+    invoice = next(b for b in branches if isinstance(b, dict) and b["name"] == "Invoice")
+    invoice["aliases"] = ["concord.Payment"]  # old payments would now resolve to the Invoice branch
+    branches.remove(next(b for b in branches if isinstance(b, dict) and b["name"] == "Payment"))
+    with pytest.raises(ValueError, match="a concord.Payment written with the old schema reads as concord.Invoice"):
+        check_branches(schemas.document("change_event"), new)
 
 
 def test_history_is_visible_to_the_check():
