@@ -56,3 +56,9 @@ def test_whatever_the_sizes_the_dead_letter_fits_its_limit(key, value, error, li
 def test_a_tombstone_keeps_no_value_and_no_key():
     dl = dead_letter(Origin("changes.crm.deal", 0, 1, None, None), "decode", "DecodeError", "tombstone", 1)
     assert dl.record()["original_value"] is None and dl.key is None and not dl.truncated
+
+
+def test_the_builders_limit_is_within_what_every_concord_producer_may_send():
+    from concord.runtime.producer import MAX_RECORD_BYTES, SETTINGS
+
+    assert DEFAULT_MAX_RECORD_BYTES <= MAX_RECORD_BYTES < SETTINGS["message.max.bytes"]
