@@ -118,3 +118,8 @@ def _named_types(node: Any, found: dict[str, Any] | None = None) -> dict[str, An
         for f in node.get("fields", ()):
             _named_types(f["type"], found)
     return found
+
+
+def keep_as(name: str, doc: dict[str, Any]) -> Path:
+    """Where an earlier version ``doc`` of schema ``name`` is kept so that what it wrote still decodes."""
+    return schemas.HISTORY_DIR / f"{name}-{schemas.fingerprint(schemas.parse(doc)).hex()}.avsc"

@@ -5,7 +5,8 @@ Without a Schema Registry every value is framed as Avro single-object encoding
 that has the schemas in ``schemas/`` can decode it with no service running. With
 ``CONCORD_SCHEMA_REGISTRY_URL`` set, values are written in Confluent's wire format
 (``00`` + 4-byte schema id + body) under the TopicNameStrategy subject ``<topic>-value``.
-The decoder reads both, whatever the writer used.
+The decoder reads both, whatever the writer used, and single-object values written by an earlier version of a
+schema kept in ``schemas/history/`` (resolved to the current version, as Avro schema resolution does).
 
 A change event's payload is written as the union branch its ``entity_type`` names and read back with the
 branch's name, so a payload is never typed by Avro's union resolution guessing from its fields.
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import io
 import struct
+from pathlib import Path
 from typing import Any
 
 from fastavro import schemaless_reader, schemaless_writer
@@ -30,7 +32,7 @@ CONFLUENT_MAGIC = 0
 class Codec:
     """Encodes records of a named Concord schema and decodes any framed Avro value back."""
 
-    def __init__(self, registry_url: str | None = None) -> None:
+    def __init__(self, registry_url: str | None = None, history_dir: Path = schemas.HISTORY_DIR) -> None:
         self._by_fp: dict[bytes, tuple[str, Any]] = {}
         self._fp_of: dict[str, bytes] = {}
         for name in schemas.SCHEMA_FILES:
@@ -38,6 +40,9 @@ class Codec:
             fp = schemas.fingerprint(parsed)
             self._by_fp[fp] = (name, parsed)
             self._fp_of[name] = fp
+        for name, doc in schemas.history(history_dir):  # records an earlier version wrote read with today's schema
+            parsed = schemas.parse(doc)
+            self._by_fp.setdefault(schemas.fingerprint(parsed), (name, parsed))
         self._registry = None
         self._ids: dict[tuple[str, str], int] = {}
         self._by_id: dict[int, tuple[str, Any]] = {}

@@ -1,12 +1,17 @@
 """Schemas parse, and every committed version of each stays readable by the current one, union branches too."""
 
 import copy
+import io
+import json
 
 import pytest
+from fastavro import schemaless_writer
 from fastavro.read import SchemaResolutionError
 
 import schemas
-from schemas.compat import check, check_branches, committed_versions
+from concord.contracts.codec import SINGLE_OBJECT_MAGIC, Codec
+from concord.exceptions import DecodeError
+from schemas.compat import check, check_branches, committed_versions, keep_as, sample_record
 
 
 @pytest.mark.parametrize("name", schemas.SCHEMA_FILES)
@@ -43,6 +48,45 @@ def test_branch_check_rejects_a_payload_that_would_read_as_another_record():
     branches.remove(next(b for b in branches if isinstance(b, dict) and b["name"] == "Payment"))
     with pytest.raises(ValueError, match="a concord.Payment written with the old schema reads as concord.Invoice"):
         check_branches(schemas.document("change_event"), new)
+
+
+def framed(parsed, record):
+    """``record`` written with ``parsed`` in single-object framing, as a producer with that version would."""
+    buf = io.BytesIO()
+    buf.write(SINGLE_OBJECT_MAGIC + schemas.fingerprint(parsed))
+    schemaless_writer(buf, parsed, record)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("name", schemas.SCHEMA_FILES)
+def test_the_codec_decodes_what_every_committed_version_wrote(name):
+    codec = Codec()
+    for commit, raw in committed_versions(name):
+        old = schemas.expand_all(raw)[name]
+        parsed = schemas.parse(old)
+        try:
+            got, _ = codec.decode(framed(parsed, sample_record(parsed)))
+        except DecodeError as exc:
+            pytest.fail(f"what schemas/{name}.avsc of {commit[:10]} wrote no longer decodes ({exc}): keep that "
+                        f"version, expanded, as {keep_as(name, old)}")
+        assert got == name
+
+
+def test_a_kept_earlier_version_decodes_and_one_not_kept_says_so(tmp_path):
+    old = copy.deepcopy(schemas.document("control"))
+    old["fields"] = [f for f in old["fields"] if f["name"] != "actor"]  # as if control.avsc once lacked actor
+    data = framed(schemas.parse(old), {"action": "tick", "guard_key": None, "at": 5})
+    with pytest.raises(DecodeError, match="unknown writer schema fingerprint"):
+        Codec(history_dir=tmp_path).decode(data)
+    (tmp_path / keep_as("control", old).name).write_text(json.dumps(old))
+    assert Codec(history_dir=tmp_path).decode(data) == (
+        "control", {"action": "tick", "guard_key": None, "actor": None, "at": 5})
+
+
+def test_a_kept_version_must_be_named_by_its_fingerprint(tmp_path):
+    (tmp_path / "control-0000000000000000.avsc").write_text(json.dumps(schemas.document("control")))
+    with pytest.raises(ValueError, match="named by its fingerprint"):
+        Codec(history_dir=tmp_path)
 
 
 def test_history_is_visible_to_the_check():
