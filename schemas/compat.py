@@ -97,7 +97,8 @@ def check_branches(old_doc: dict[str, Any], new_doc: dict[str, Any]) -> None:
             buf = io.BytesIO()
             schemaless_writer(buf, writer, record)
             buf.seek(0)
-            got = schemaless_reader(buf, writer, reader, return_record_name=True)[field_name]
+            read: Any = schemaless_reader(buf, writer, reader, return_record_name=True)
+            got = read[field_name]
             if not isinstance(got, tuple) or got[0] != name:
                 read_as = got[0] if isinstance(got, tuple) else type(got).__name__
                 raise ValueError(f"{field_name}: a {name} written with the old schema reads as {read_as}")

@@ -98,8 +98,8 @@ class Codec:
         reader = schemas.load(name)
         typed = name == "change_event"
         try:
-            record = schemaless_reader(body, writer, reader if writer is not reader else None,
-                                       return_record_name=typed)
+            record: Any = schemaless_reader(body, writer, reader if writer is not reader else None,
+                                            return_record_name=typed)
         except Exception as exc:  # fastavro raises many types for corrupt bodies
             raise DecodeError(f"corrupt {name} body: {type(exc).__name__}: {exc}") from exc
         if body.tell() != len(body.getbuffer()):

@@ -185,7 +185,7 @@ class Pipeline:
         if rec.value is not None and len(rec.value) > self.max_record_bytes:
             exc = TooLarge(f"record is {len(rec.value)} bytes, over the {self.max_record_bytes}-byte limit")
             return self.dead_letter(rec, "decode", exc, policy)
-        staged = _Staged(table)
+        staged: Any = _Staged(table)  # a mapping to the stage, whatever the table behind it
         try:
             outs = step(rec, staged)
         except policy.data_errors as exc:
