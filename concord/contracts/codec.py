@@ -23,7 +23,7 @@ from fastavro import schemaless_reader, schemaless_writer
 
 import schemas
 from concord.contracts.topics import SOURCE_OF, spec
-from concord.exceptions import DecodeError, EncodeError, PayloadTypeError, SchemaMismatch
+from concord.exceptions import ConfigError, DecodeError, EncodeError, PayloadTypeError, SchemaMismatch
 
 SINGLE_OBJECT_MAGIC = b"\xc3\x01"
 CONFLUENT_MAGIC = 0
@@ -110,7 +110,11 @@ class Codec:
 
     def decode_topic(self, topic: str, data: bytes | None) -> tuple[str, dict[str, Any]]:
         """Decode a value of ``topic``; SchemaMismatch unless it carries the schema the topic declares."""
-        return self.decode(data, spec(topic).value_schema)
+        try:
+            declared = spec(topic).value_schema
+        except KeyError as exc:  # a topic read but never declared is the deployment's fault, not the record's
+            raise ConfigError(str(exc.args[0])) from None
+        return self.decode(data, declared)
 
     def _schema_id(self, schema_name: str, topic: str) -> int:
         key = (schema_name, topic)

@@ -104,12 +104,12 @@ def test_a_record_that_does_not_fit_its_schema_is_an_encode_error():
 
 
 def test_decode_checks_the_schema_the_topic_declares():
-    from concord.exceptions import SchemaMismatch
+    from concord.exceptions import ConfigError, SchemaMismatch
 
     codec = Codec()
     command = codec.encode("control", {"action": "tick", "guard_key": None, "actor": None, "at": 1})
     with pytest.raises(SchemaMismatch, match="a valid control record where schemas/change_event.avsc is declared"):
         codec.decode_topic("changes.crm.deal", command)
     assert codec.decode_topic("guard.controls", command)[1]["action"] == "tick"
-    with pytest.raises(KeyError, match="not declared"):
+    with pytest.raises(ConfigError, match="'changes.crm.widget' is not declared"):
         codec.decode_topic("changes.crm.widget", command)

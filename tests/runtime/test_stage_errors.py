@@ -259,3 +259,12 @@ def test_nothing_a_stage_is_given_makes_it_raise(topic, data):
     assert all(CODEC.decode(o.value)[1] is not None for o in new), "every output is a valid record"
     if topic in CHANGE_EVENT_TOPICS or topic == topics.EXCEPTION_ACTIONS.name:  # these always say what became of it
         assert any(o.topic == topics.AUDIT.name for o in new), f"{rec} gave neither a decision nor a dead letter"
+
+
+def test_a_topic_read_but_never_declared_stops_the_stage_instead_of_dead_lettering_everything():
+    from concord.exceptions import ConfigError
+
+    p = Pipeline(CODEC, lambda s, e, n: None, lambda d, n: d)
+    value = CODEC.encode("change_event", new_event("changes.crm.deal"))
+    with pytest.raises(ConfigError, match="not declared"):
+        p.guard(Record("prod.changes.crm.deal", 0, 0, b"new-deal", value), {})
