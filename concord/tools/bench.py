@@ -22,6 +22,7 @@ from concord.contracts import topics
 from concord.contracts.codec import Codec
 from concord.runtime.broker import ensure_topics, free_port, open_broker
 from concord.runtime.producer import new_producer
+from concord.tools.bench_audit import audit_line
 
 
 def say(msg: str) -> None:
@@ -254,6 +255,7 @@ def run_bench(args: argparse.Namespace) -> int:
         say(f"publish-to-command latency at {args.rate:.0f}/s: p50 {p50:.0f} ms, p99 {p99:.0f} ms")
     print(f"bench: concord_eps={concord:.0f} reference_eps={ref:.0f} raw_eps={raw:.0f} "
           f"ratio_ref={concord / ref:.2f} p50_ms={p50:.0f} p99_ms={p99:.0f}")
+    print(audit_line())
     return 0
 
 
