@@ -351,7 +351,7 @@ def build_app(settings: Settings, pipeline: Pipeline | None = None) -> faust.App
             old = exception_to_record.get(msg.key)
             if not newer(old, rec):
                 continue
-            exception_to_record[msg.key] = table_record(rec)
+            exception_to_record[msg.key] = table_record(rec, old)
             if rec["state"] == "escalated":
                 escalating.discard(msg.key)
             if old and old["state"] == "escalated" and rec["state"] in ("resolved", "discarded") and rec.get(
