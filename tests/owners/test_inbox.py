@@ -153,3 +153,13 @@ def test_link_templates_are_checked(tmp_path):
     with pytest.raises(ConfigError, match="quote"):
         load_links(bad)
     assert load_links().of("deal", "006/x y") == "https://crm.example.com/lightning/r/Opportunity/006%2Fx%20y/view"
+
+
+def test_the_inbox_bench_measures_a_page_that_shows_every_record():
+    from concord.tools import bench_inbox
+
+    records, statuses = bench_inbox.open_exceptions(120)
+    page = bench_inbox.render_once(records, statuses, "revenue-ops", {}, NOW)
+    assert "120 matching" in page and len(re.findall(r'<tr id="x-', page)) == inbox.PAGE_SIZE
+    assert "at risk <b>12,071.40</b>" in page, "every deal amount summed: 120 x 100.00 + 0.01 x (0 + ... + 119)"
+    assert bench_inbox.inbox_render_p95_ms(n=60, runs=3) > 0
