@@ -165,7 +165,7 @@ def _rules(routing: Any, runbooks: Path, config_dir: Path, now: int, config_erro
         path = config_dir / name
         try:
             digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
-            changed = int(path.stat().st_mtime * 1000)
+            changed = _changed_at(path)
         except OSError as exc:
             problems.append(f"{name}: {exc.strerror}")
             continue
@@ -194,6 +194,28 @@ def _runbooks(recs: list[dict[str, Any]], now: int, runbooks: Path) -> Section:
     s.data = {"closed_by_reason": used, "missing": missing}
     s.attention = bool(missing)
     return s
+
+
+def _changed_at(path: Path) -> int:
+    """When a file last changed: its last commit where it is in a git checkout, else its modification time."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "log", "-1", "--format=%ct", "--", path.name], cwd=path.parent,
+                             capture_output=True, text=True, timeout=10)
+        if out.returncode == 0 and out.stdout.strip() and not _uncommitted(path):
+            return int(out.stdout.strip()) * 1000
+    except (OSError, subprocess.SubprocessError, ValueError):
+        pass  # no git here (an installed package): the file's own time will do
+    return int(path.stat().st_mtime * 1000)
+
+
+def _uncommitted(path: Path) -> bool:
+    import subprocess
+
+    out = subprocess.run(["git", "status", "--porcelain", "--", path.name], cwd=path.parent, capture_output=True,
+                         text=True, timeout=10)
+    return bool(out.stdout.strip())
 
 
 def _ago(ms: float) -> str:

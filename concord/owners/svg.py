@@ -47,8 +47,11 @@ def lines(title: str, labels: Sequence[str], series: Sequence[tuple[str, Sequenc
            f'<text x="{left - 4}" y="{top + 4}" text-anchor="end">{_num(peak)}</text>'
            f'<text x="{left - 4}" y="{top + h}" text-anchor="end">0</text>']
     step = max(1, len(labels) // 7)
+    shown = list(range(0, len(labels), step))
+    if shown and shown[-1] != len(labels) - 1:  # the latest day is always labelled, never crowding its neighbour
+        shown[-1 if len(labels) - 1 - shown[-1] < step else len(shown):] = [len(labels) - 1]
     for i, label in enumerate(labels):
-        if i % step == 0 or i == len(labels) - 1:
+        if i in shown:
             out.append(f'<text x="{_num(left + w * i / n)}" y="{height - 10}" text-anchor="middle">'
                        f"{html.escape(label)}</text>")
     for k, (name, values) in enumerate(series):
