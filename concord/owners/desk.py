@@ -1,9 +1,10 @@
-"""The owners' side of exceptions on a worker: an HTTP API and an inbox page, both per team.
+"""The owners' side of exceptions on a worker: the logic behind the HTTP API and the workspace pages.
 
 Every request carries a team credential (``Authorization: Bearer <token>``, or the inbox's cookie). A team
-sees and acts on its own queue only. Actions are checked here against the customer's status — a bad patch
-is refused at once and changes nothing — then published to ``actions.exceptions``, where the customer's
-stage-two agent applies them in order with the customer's events and replays the rules.
+sees and acts on its own queue only; the cross-team views get summaries without an item's details. Actions
+are checked here against the customer's status — a bad patch is refused at once and changes nothing — then
+published to ``actions.exceptions``, where the customer's stage-two agent applies them in order with the
+customer's events and replays the rules.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from concord.exceptions import ValidationError
 from concord.runtime.pipeline import Out, customer_key
 
 OPEN_STATES = ("open", "acknowledged", "escalated")
+SUMMARY_FIELDS = ("exception_id", "reason_code", "state", "owner", "backup_owner", "severity", "opened_at",
+                  "sla_deadline", "updated_at", "entity_type", "entity_id", "customer_id", "customer_key")
 ACTIONS = ("acknowledge", "resolve", "discard")
 
 
@@ -47,7 +50,9 @@ def table_record(rec: dict[str, Any], old: dict[str, Any] | None = None) -> dict
                            "key": (orig.get("key") or b"").hex(), "value": orig["value"].hex()}
     out["customer_key"] = customer_key({"customer_id": rec.get("customer_id"), "entity_type": rec["entity_type"],
                                         "entity_id": rec["entity_id"]}).decode()
-    if rec.get("assignee") is None and old:  # records from the rules do not know who it was assigned to
+    if old and old["owner"] != rec["owner"]:  # escalated or handed back: the new team assigns its own people
+        out["assignee"], out["assigned_by"] = None, None
+    elif rec.get("assignee") is None and old:  # records from the rules do not know who it was assigned to
         out["assignee"], out["assigned_by"] = old.get("assignee"), old.get("assigned_by")
     history = list((old or {}).get("history") or [])
     if old is None or old["opened_at"] != rec["opened_at"]:
@@ -159,8 +164,21 @@ class Desk:
         return out
 
     def everything(self) -> list[dict[str, Any]]:
-        """Every exception record this worker holds, of every team and in every state."""
-        return [r for r in self.exceptions.values() if r]
+        """Every exception record this worker holds, of every team and in every state, as summaries.
+
+        Any team may see these (they feed the cross-team reconciliation and checklist): what an item says and
+        suggests stays with its own team. The amount at risk is worked out here, where the status may be.
+        """
+        from concord.owners.picture import amount_at_risk, currency_of
+
+        out = []
+        for r in self.exceptions.values():
+            if r:
+                status = self.statuses.get(r["customer_key"].encode()) if r.get("customer_key") else None
+                out.append({**{k: r.get(k) for k in SUMMARY_FIELDS}, "amount_at_risk_cents": amount_at_risk(r, status),
+                            "currency": currency_of(r, status),
+                            "resolution": {k: (r.get("resolution") or {}).get(k) for k in ("by", "at")}})
+        return out
 
     async def gathered(self, request: Any, local: list[dict[str, Any]], query: dict[str, str]) -> list[dict[str, Any]]:
         """``local`` records plus the same query's answer from the other workers, latest version of each."""

@@ -163,3 +163,20 @@ def test_the_inbox_bench_measures_a_page_that_shows_every_record():
     assert "120 matching" in page and len(re.findall(r'<tr id="x-', page)) == inbox.PAGE_SIZE
     assert "at risk <b>12,071.40</b>" in page, "every deal amount summed: 120 x 100.00 + 0.01 x (0 + ... + 119)"
     assert bench_inbox.inbox_render_p95_ms(n=60, runs=3) > 0
+
+
+def test_an_escalation_clears_the_assignee_and_summaries_for_other_teams_keep_the_details_back():
+    from concord.domain.flow_config import load_flow_config
+    from concord.owners.desk import Desk
+
+    first = record(1, customer="c-1")
+    mine = table_record({**wire_record(first), "assignee": "alice", "assigned_by": "revenue-ops:bob",
+                         "updated_at": NOW + 1}, first)
+    moved = table_record({**wire_record(mine), "state": "escalated", "owner": "finance", "updated_at": NOW + 2}, mine)
+    assert mine["assignee"] == "alice" and moved["assignee"] is None
+    desk = Desk(None, {}, load_flow_config(), {b"c-1": status_with_chain("c-1")}, {b"x00001": moved}, None, None,
+                None)
+    [summary] = desk.everything()
+    assert summary["amount_at_risk_cents"] == 50_000 and summary["currency"] == "USD"
+    assert summary["owner"] == "finance" and summary["state"] == "escalated"
+    assert "message" not in summary and "suggestions" not in summary and "original" not in summary
