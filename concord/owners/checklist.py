@@ -182,15 +182,16 @@ def _runbooks(recs: list[dict[str, Any]], now: int, runbooks: Path) -> Section:
     s = Section("Runbooks referenced by this week's resolutions")
     used: dict[str, int] = {}
     for r in recs:
-        at = (r.get("resolution") or {}).get("at")
-        if r["state"] in ("resolved", "discarded") and at and now - at < WEEK_MS:
+        res = r.get("resolution") or {}
+        at, by = res.get("at"), res.get("by") or "concord"
+        if r["state"] in ("resolved", "discarded") and at and now - at < WEEK_MS and by != "concord":
             used[r["reason_code"]] = used.get(r["reason_code"], 0) + 1
     missing = [reason for reason in used if not (runbooks / f"{reason}.md").is_file()]
     for reason, n in sorted(used.items(), key=lambda kv: (-kv[1], kv[0])):
         where = f"ops/runbooks/reasons/{reason}.md" if reason not in missing else "NO RUNBOOK: write one"
         s.lines.append(f"{reason}: {n} closed · {where}")
     if not used:
-        s.lines.append("no exception was closed this week")
+        s.lines.append("no owner closed an exception this week")
     s.data = {"closed_by_reason": used, "missing": missing}
     s.attention = bool(missing)
     return s

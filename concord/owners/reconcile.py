@@ -117,7 +117,7 @@ def summarize(records: Iterable[dict[str, Any]], now: int, amount: Amount, count
                 resolve_ms.append(res["at"] - r["opened_at"])
                 sla_ms.append(r["sla_deadline"] - r["opened_at"])
                 within += res["at"] <= r["sla_deadline"]
-                manual += ":" in str(res.get("by", "")) or str(res.get("by", "")) == r.get("owner")
+                manual += str(res.get("by") or "concord") != "concord"  # "concord": the data fixed itself
         if r["state"] not in OPEN_STATES:
             continue
         s.total.add(cents)

@@ -24,7 +24,8 @@ def sample():
             record(3, "unmapped_sku", opened=NOW - 10 * DAY, customer="small", amount_at_risk_cents=2_500),
             record(4, "sequence_gap", opened=NOW - 3 * HOUR, customer="small"),  # no amount: counted apart
             closed(5, "missing_billing_account", NOW - DAY, NOW - DAY + HOUR, "revenue-ops:alice"),
-            closed(6, "unmapped_sku", NOW - 2 * DAY, NOW - DAY, "marketing-ops", state="discarded")]
+            closed(6, "unmapped_sku", NOW - 2 * DAY, NOW - DAY, "marketing-ops", state="discarded"),
+            closed(7, "sequence_gap", NOW - 2 * DAY, NOW - 2 * DAY + 60_000, "concord")]  # closed by later data
     return recs
 
 
@@ -47,11 +48,11 @@ def test_money_at_risk_by_reason_owner_age_and_customer():
     assert s.by_owner["marketing-ops"].cents == 2_500
     assert {k: v.count for k, v in s.by_age.items()} == {"< 1 h": 1, "1–3 d": 1, "> 7 d": 1, "1–4 h": 1}
     assert s.by_customer["big"].cents == 600_000
-    assert sum(s.opened_per_day) == 6 and sum(s.closed_per_day) == 2 and len(s.days) == 14
+    assert sum(s.opened_per_day) == 7 and sum(s.closed_per_day) == 3 and len(s.days) == 14
     assert s.tiles["Exception rate"][0] == "5.0%"
     assert s.tiles["On-time invoicing"][0] == "75.0%" and s.tiles["Retry success"][0] == "80.0%"
-    assert s.tiles["MTTR vs SLA"][0] == "12.5 h / 14.0 h", "mean of 1 h and 24 h against SLAs of 4 h and 1 d"
-    assert s.tiles["Manual handoffs"][0] == "2"
+    assert s.tiles["MTTR vs SLA"][0] == "8.3 h / 10.0 h", "1 h, 24 h and 1 min against SLAs of 4 h, 1 d and 2 h"
+    assert s.tiles["Manual handoffs"][0] == "2", "the gap closed by later data was no one's handoff"
     empty = reconcile.summarize([], NOW, amount, reconcile.Counters())
     assert empty.tiles["Exception rate"][0] == "—" and empty.tiles["MTTR vs SLA"][0] == "—"
 
