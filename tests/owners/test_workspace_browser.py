@@ -80,7 +80,7 @@ def eventually(check, what, timeout=60):
         got = check()
         if got:
             return got
-        assert time.monotonic() < deadline, f"never: {what}"
+        assert time.monotonic() < deadline, f"never: {what() if callable(what) else what}"
         time.sleep(0.3)
 
 
@@ -116,11 +116,12 @@ def test_sign_in_filter_open_an_item_assign_bulk_replay_and_reconcile(broker, wo
     publish(bs, ev.change_event("job", f"{pic}-job", 1, ev.job("completed", LINES, deal_id=f"{pic}-deal"), pic, at=NOW),
             ev.change_event("invoice", f"{pic}-inv", 1, ev.invoice("open", LINES, job_id=f"{pic}-job"), pic, at=NOW),
             ev.change_event("payment", f"{pic}-pay", 1, ev.payment("failed", f"{pic}-inv", 50_000), pic, at=NOW))
-    got = read_until(bs, since, lambda got: {g.record["customer_id"] for g in got
+    got = read_until(bs, since, lambda got: {g.record["entity_id"] for g in got
                                              if g.topic == "exceptions.revenue-ops"
                                              and g.record["reason_code"] == "missing_billing_account"}
-                     >= {*bulk, pic}, timeout=90)
-    eids = {g.record["customer_id"]: g.record["exception_id"] for g in got if g.topic == "exceptions.revenue-ops"}
+                     >= {f"{c}-deal" for c in [*bulk, pic]}, timeout=90)
+    eids = {g.record["customer_id"]: g.record["exception_id"] for g in got if g.topic == "exceptions.revenue-ops"
+            and g.record["entity_id"] == f"{g.record['customer_id']}-deal"}
     eventually(lambda: (status_of(worker, pic) or {}).get("payments"), "the payment reached the status table")
 
     # sign in, from the keyboard
@@ -220,3 +221,73 @@ def test_checklist_command_text_json_and_exit_status(worker):
     assert text.returncode == as_json.returncode and "[ok] Flows and their owners" in text.stdout
     wrong = subprocess.run([*base[:-1], "not-a-credential-at-all"], capture_output=True, text=True, timeout=30)
     assert wrong.returncode == 1 and "401" in wrong.stderr and wrong.stdout == ""
+
+
+def signed_in(worker, team):
+    """A cookie-keeping HTTP client signed in to the workspace as ``team``."""
+    import http.cookiejar
+    import urllib.parse
+
+    client = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()))
+    form = urllib.parse.urlencode({"token": TOKENS[team], "user": "carol"}).encode()
+    client.open(urllib.request.Request(worker["url"] + "/inbox/login", data=form, method="POST"), timeout=10)
+    return client
+
+
+def fetch(client, url, form=None):
+    import urllib.error
+    import urllib.parse
+
+    data = urllib.parse.urlencode(form, doseq=True).encode() if form is not None else None
+    try:
+        with client.open(urllib.request.Request(url, data=data, method="POST" if form is not None else "GET"),
+                         timeout=30) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def test_a_confirmation_for_a_set_that_moved_does_nothing_and_teams_stay_apart(broker, worker, uid):
+    import re
+
+    bs = broker.bootstrap_servers
+    cid = f"mv{uid}"
+    since = end_offsets(bs, WATCH)
+    publish(bs, customer_without_account(cid))
+    read_until(bs, since, lambda got: any(g.topic == "commands.dispatch" and g.record["customer_id"] == cid
+                                          for g in got), timeout=90)
+    deal = f"{cid}-deal"
+    publish(bs, ev.change_event("deal", deal, 1, ev.deal("closed_won", LINES), cid, at=NOW))
+    got = read_until(bs, since, lambda got: any(g.topic == "exceptions.revenue-ops" and g.record["entity_id"] == deal
+                                                for g in got), timeout=90)
+    eid = next(g.record["exception_id"] for g in got if g.topic == "exceptions.revenue-ops"
+               and g.record["entity_id"] == deal)
+    rev = signed_in(worker, "revenue-ops")
+    listed = []
+
+    def shown():
+        listed.append(fetch(rev, f"{worker['url']}/inbox?customer={cid}"))
+        return f"x-{eid}" in listed[-1][1]
+    eventually(shown, lambda: f"the item listed: {listed[-1]}")
+
+    dry = {"customer": cid, "op": "replay"}
+    code, page = fetch(rev, worker["url"] + "/inbox/bulk", dry)
+    assert code == 200 and "<b id=dry-run-count>1</b>" in page
+    digest = re.search(r'name="digest" value="([0-9a-f]+)"', page).group(1)
+    code, page = fetch(rev, worker["url"] + "/inbox/bulk", {**dry, "confirm": "1", "digest": "0" * 16, "expect": "1"})
+    assert code == 409 and "nothing was done" in page and digest in page, "the new dry run comes with it"
+    code, page = fetch(rev, worker["url"] + "/inbox/bulk", {"customer": cid, "op": "resolve"})
+    assert code == 200 and "bulk refused: resolve needs a field=value patch" in page
+
+    other = signed_in(worker, "marketing-ops")  # neither its owner nor its backup (finance)
+    assert f"x-{eid}" not in fetch(other, f"{worker['url']}/inbox?customer={cid}")[1], "not their queue"
+    code, page = fetch(other, f"{worker['url']}/inbox/item/{eid}?customer={cid}")
+    assert code == 403 and "belongs to revenue-ops" in page
+    code, page = fetch(rev, f"{worker['url']}/inbox/item/{eid}/act?customer={cid}",
+                       {"action": "assign", "assignee": "<script>"})
+    assert code == 200 and "refused (400)" in page and "&lt;script&gt;" not in page.split("id=msg")[0]
+    code, page = fetch(rev, f"{worker['url']}/inbox/item/{eid}?customer={cid}")
+    assert code == 200 and "<dd id=state>open</dd>" in page, "nothing changed"
+    anonymous = urllib.request.build_opener()
+    code, page = fetch(anonymous, f"{worker['url']}/inbox/reconciliation")
+    assert code == 401 and "id=token" in page and cid not in page
