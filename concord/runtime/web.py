@@ -22,6 +22,12 @@ from concord.runtime import metrics
 STATIC = Path(__file__).resolve().parent.parent / "owners" / "static"
 STATIC_TYPES = {".css": "text/css", ".js": "text/javascript", ".svg": "image/svg+xml"}
 BULK_OPS = ("replay", "resolve", "discard")
+# Pages load only what the worker itself serves: no CDN, no inline script, no framing by other sites.
+CSP = "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; frame-ancestors 'none'"
+
+
+def _html(view: View, body: str, status: int = 200) -> Any:
+    return view.html(body, status=status, headers={"Content-Security-Policy": CSP, "X-Content-Type-Options": "nosniff"})
 
 
 def _samples() -> list[tuple[str, dict[str, str], float]]:
@@ -115,7 +121,7 @@ def register_views(app: faust.App, desk: Desk) -> None:
             try:
                 team = desk.team_of(request)
             except Refused:
-                return self.html(inbox.page("Concord inbox", inbox.LOGIN))
+                return _html(self, inbox.page("Concord inbox", inbox.LOGIN))
             try:
                 f = inbox.Filters.from_query(request.query)
             except inbox.BadFilter as exc:
@@ -130,7 +136,7 @@ def register_views(app: faust.App, desk: Desk) -> None:
             amount, currency = pricing(records, desk.token_of(request))
             body = inbox.render_inbox(team, records, f, int(time.time() * 1000), amount, currency,
                                       request.query.get("msg", ""), error)
-            return self.html(inbox.page(f"Inbox: {team}", body, team, "inbox"))
+            return _html(self, inbox.page(f"Inbox: {team}", body, team, "inbox"))
 
         async def post(self, request: Any) -> Any:
             """The inbox list's quick fix: take one of an item's suggestions."""
@@ -155,14 +161,14 @@ def register_views(app: faust.App, desk: Desk) -> None:
             try:
                 team = desk.team_of(request)
             except Refused:
-                return self.html(inbox.page("Concord inbox", inbox.LOGIN), status=401)
+                return _html(self, inbox.page("Concord inbox", inbox.LOGIN), status=401)
             token = desk.token_of(request)
             try:
                 rec = await desk.record_anywhere(team, exception_id, token)
                 status = await desk.status_anywhere(rec.get("customer_key") or request.query.get("customer", ""),
                                                     token)
             except Refused as exc:
-                return self.html(inbox.page("Not found", f"<p class=err id=error>{exc}</p><p><a href=/inbox>Inbox</a>"
+                return _html(self, inbox.page("Not found", f"<p class=err id=error>{exc}</p><p><a href=/inbox>Inbox</a>"
                                             "</p>", team), status=exc.status)
             original = None
             if rec.get("original"):
@@ -174,7 +180,7 @@ def register_views(app: faust.App, desk: Desk) -> None:
             body = inbox.render_item(team, rec, int(time.time() * 1000), chain(status, links), at_risk, links,
                                      status, original, inbox.runbook_text(rec["reason_code"]),
                                      request.query.get("msg", ""))
-            return self.html(inbox.page(f"{rec['reason_code']}: {rec['entity_id']}", body, team, "inbox"))
+            return _html(self, inbox.page(f"{rec['reason_code']}: {rec['entity_id']}", body, team, "inbox"))
 
     @app.page("/inbox/item/{exception_id}/act")
     class InboxItemAct(View):
@@ -205,7 +211,7 @@ def register_views(app: faust.App, desk: Desk) -> None:
             try:
                 team = desk.team_of(request)
             except Refused:
-                return self.html(inbox.page("Concord inbox", inbox.LOGIN), status=401)
+                return _html(self, inbox.page("Concord inbox", inbox.LOGIN), status=401)
             try:
                 f = inbox.Filters.from_query(form)
                 op = form.get("op", "")
@@ -226,13 +232,13 @@ def register_views(app: faust.App, desk: Desk) -> None:
             title = f"Bulk {op}: {team}"
             if form.get("confirm") != "1":
                 body = inbox.render_bulk_dry_run(f, op, sets, note, matching)
-                return self.html(inbox.page(title, body, team, "inbox"))
+                return _html(self, inbox.page(title, body, team, "inbox"))
             ids = [r["exception_id"] for r in matching]
             if inbox.digest(ids) != form.get("digest") or len(matching) > inbox.BULK_MAX:
                 body = ("<p class=err id=error>The matching set changed since the dry run "
                         f"({form.get('expect')} then, {len(ids)} now): nothing was done. Look again:</p>"
                         + inbox.render_bulk_dry_run(f, op, sets, note, matching))
-                return self.html(inbox.page(title, body, team, "inbox"), status=409)
+                return _html(self, inbox.page(title, body, team, "inbox"), status=409)
             accepted, refusals = [], []
             token, user = desk.token_of(request), user_of(request)
             for r in matching:
@@ -246,7 +252,7 @@ def register_views(app: faust.App, desk: Desk) -> None:
                 except Refused as exc:
                     refusals.append((r["exception_id"], f"{exc.status}: {exc}"))
             body = inbox.render_bulk_result(op, accepted, refusals, "/inbox?" + urlencode(f.query(page=1)))
-            return self.html(inbox.page(title, body, team, "inbox"))
+            return _html(self, inbox.page(title, body, team, "inbox"))
 
     @app.page("/inbox/reconciliation")
     class Reconciliation(View):
@@ -256,13 +262,13 @@ def register_views(app: faust.App, desk: Desk) -> None:
                 records = await everyone(request)
             except Refused as exc:
                 if exc.status == 401:
-                    return self.html(inbox.page("Concord inbox", inbox.LOGIN), status=401)
-                return self.html(inbox.page("Reconciliation", f"<p class=err>{exc}</p>"), status=exc.status)
+                    return _html(self, inbox.page("Concord inbox", inbox.LOGIN), status=401)
+                return _html(self, inbox.page("Reconciliation", f"<p class=err>{exc}</p>"), status=exc.status)
             amount, _ = pricing(records, desk.token_of(request))
             summary = reconcile.summarize(records, int(time.time() * 1000), amount,
                                           reconcile.Counters.from_samples(_samples()))
             note = "Amounts are summed as recorded, whatever their currency; the KPI counters are this worker's."
-            return self.html(inbox.page("Reconciliation", reconcile.render_reconciliation(summary, note), team,
+            return _html(self, inbox.page("Reconciliation", reconcile.render_reconciliation(summary, note), team,
                                         "reconciliation"))
 
     async def build_checklist(request: Any) -> checks.Checklist:
@@ -293,9 +299,9 @@ def register_views(app: faust.App, desk: Desk) -> None:
                 result = await build_checklist(request)
             except Refused as exc:
                 if exc.status == 401:
-                    return self.html(inbox.page("Concord inbox", inbox.LOGIN), status=401)
-                return self.html(inbox.page("Checklist", f"<p class=err>{exc}</p>"), status=exc.status)
-            return self.html(inbox.page("Monday-morning checklist", checks.render_html(result), team, "checklist"))
+                    return _html(self, inbox.page("Concord inbox", inbox.LOGIN), status=401)
+                return _html(self, inbox.page("Checklist", f"<p class=err>{exc}</p>"), status=exc.status)
+            return _html(self, inbox.page("Monday-morning checklist", checks.render_html(result), team, "checklist"))
 
     @app.page("/checklist")
     class ChecklistJson(View):
@@ -321,7 +327,7 @@ def register_views(app: faust.App, desk: Desk) -> None:
             form = await request.post()
             token = form.get("token", "")
             if not any(hmac.compare_digest(t.encode(), token.encode()) for t in desk.credentials):
-                return self.html(inbox.page("Concord inbox", "<p class=err id=error>Unknown credential.</p>"
+                return _html(self, inbox.page("Concord inbox", "<p class=err id=error>Unknown credential.</p>"
                                             + inbox.LOGIN), status=401)
             user = quote((form.get("user") or "").strip()[:80], safe="")
             cookie = "HttpOnly; SameSite=Strict; Path=/"

@@ -180,3 +180,11 @@ def test_an_escalation_clears_the_assignee_and_summaries_for_other_teams_keep_th
     assert summary["amount_at_risk_cents"] == 50_000 and summary["currency"] == "USD"
     assert summary["owner"] == "finance" and summary["state"] == "escalated"
     assert "message" not in summary and "suggestions" not in summary and "original" not in summary
+
+
+def test_pages_load_nothing_from_elsewhere():
+    page = inbox.page("Inbox", inbox.LOGIN, "revenue-ops")
+    assert re.findall(r"(?:src|href)=\"?/inbox/static/[a-z]+\.(?:css|js)", page) == [
+        "href=/inbox/static/workspace.css", "src=/inbox/static/workspace.js"]
+    assert not re.search(r"(?:src|href)=\"?(?:https?:)?//", page), "no CDN, no other host"
+    assert " style=" not in page and "<script>" not in page, "nothing inline for the content policy to refuse"

@@ -131,6 +131,8 @@ def test_sign_in_filter_open_an_item_assign_bulk_replay_and_reconcile(broker, wo
     driver.find_element(By.ID, "user").send_keys("alice", Keys.ENTER)
     eventually(lambda: driver.find_elements(By.ID, "filters"), "the inbox after signing in")
     assert "signed in as revenue-ops" in driver.find_element(By.TAG_NAME, "nav").text
+    nav_colour = driver.execute_script("return getComputedStyle(document.querySelector('nav')).backgroundColor")
+    assert nav_colour == "rgb(31, 45, 61)", "the vendored stylesheet is served and allowed by the page's policy"
     tab_reaches(driver, {"q", "f-reason", "f-customer", "apply", "tab-escalated", "open"})
 
     # filter: one reason, one set of customers
