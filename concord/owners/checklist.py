@@ -262,7 +262,8 @@ def read_deadletters(bootstrap: str, since_ms: int, timeout: float = 20.0) -> di
     names = [t.name for t in (*topics.DEADLETTERS, *topics.INGEST_DEADLETTERS, *topics.COMMAND_DEADLETTERS)]
     c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"concord-checklist-{uuid.uuid4().hex[:8]}",
                   "enable.auto.commit": False})
-    codec, counts = Codec(), {}
+    codec = Codec()
+    counts: dict[str, int] = {}
     try:
         md = c.list_topics(timeout=10)
         tps = [TopicPartition(t, p, since_ms) for t in names if t in md.topics for p in md.topics[t].partitions]
@@ -278,8 +279,9 @@ def read_deadletters(bootstrap: str, since_ms: int, timeout: float = 20.0) -> di
             for m in c.consume(500, 0.5):
                 if m.error():
                     continue
-                if m.offset() + 1 >= ends[(m.topic(), m.partition())]:
-                    left.discard((m.topic(), m.partition()))
+                where = (str(m.topic()), int(m.partition() or 0))
+                if int(m.offset() or 0) + 1 >= ends[where]:
+                    left.discard(where)
                 try:
                     _, rec = codec.decode(m.value())
                     reason = f"{rec['stage']}: {rec['error_type']}"

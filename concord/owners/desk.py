@@ -68,10 +68,11 @@ def table_record(rec: dict[str, Any], old: dict[str, Any] | None = None) -> dict
 
 def _step(old: dict[str, Any] | None, new: dict[str, Any]) -> str | None:
     """What changed between two versions of an exception, as a history step (None: nothing to record)."""
-    reopened = old is None or old["opened_at"] != new["opened_at"]
-    if new["state"] != "open" and (reopened or old["state"] != new["state"]):
+    if old is None or old["opened_at"] != new["opened_at"]:
+        return str(new["state"]) if new["state"] != "open" else None
+    if old["state"] != new["state"]:
         return str(new["state"])
-    if not reopened and (new.get("assignee") or "") != (old.get("assignee") or ""):
+    if (new.get("assignee") or "") != (old.get("assignee") or ""):
         return "assigned" if new.get("assignee") else "unassigned"
     return None
 

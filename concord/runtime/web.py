@@ -44,7 +44,7 @@ def register_views(app: faust.App, desk: Desk) -> None:
     def user_of(request: Any) -> str | None:
         return request.query.get("user") or unquote(request.cookies.get("concord_user", "")) or None
 
-    def pricing(records: list[dict[str, Any]], token: str) -> tuple[Any, Any]:
+    def pricing() -> tuple[Any, Any]:
         """amount(rec) and currency(rec) from each record and its customer's status, where this worker holds it."""
         cache: dict[str, Any] = {}
 
@@ -133,7 +133,7 @@ def register_views(app: faust.App, desk: Desk) -> None:
                 records = await desk.gathered(request, local, {"state": f.state} if f.state else {})
             except Refused as exc:
                 records, error = desk.queue(team, None, f.state or None), f"{exc} (showing this worker's part)"
-            amount, currency = pricing(records, desk.token_of(request))
+            amount, currency = pricing()
             body = inbox.render_inbox(team, records, f, int(time.time() * 1000), amount, currency,
                                       request.query.get("msg", ""), error)
             return _html(self, inbox.page(f"Inbox: {team}", body, team, "inbox"))
@@ -227,7 +227,7 @@ def register_views(app: faust.App, desk: Desk) -> None:
                 return self.text("", status=303, headers=back("/inbox", msg=f"bulk refused: {exc}"))
             records = await desk.gathered(request, desk.queue(team, None, f.state or None),
                                           {"state": f.state} if f.state else {})
-            amount, _ = pricing(records, desk.token_of(request))
+            amount, _ = pricing()
             matching = inbox.select(records, team, f, int(time.time() * 1000), amount)
             title = f"Bulk {op}: {team}"
             if form.get("confirm") != "1":
@@ -264,7 +264,7 @@ def register_views(app: faust.App, desk: Desk) -> None:
                 if exc.status == 401:
                     return _html(self, inbox.page("Concord inbox", inbox.LOGIN), status=401)
                 return _html(self, inbox.page("Reconciliation", f"<p class=err>{exc}</p>"), status=exc.status)
-            amount, _ = pricing(records, desk.token_of(request))
+            amount, _ = pricing()
             summary = reconcile.summarize(records, int(time.time() * 1000), amount,
                                           reconcile.Counters.from_samples(_samples()))
             note = "Amounts are summed as recorded, whatever their currency; the KPI counters are this worker's."

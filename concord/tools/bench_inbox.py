@@ -18,7 +18,8 @@ def open_exceptions(n: int, team: str = "revenue-ops", now: int | None = None) -
     """``n`` open exceptions of one team as exception_to_record holds them, and their customers' statuses."""
     now = now or int(time.time() * 1000)
     routing = load_routing()
-    records, statuses = [], {}
+    records: list[dict] = []
+    statuses: dict[str, Any] = {}
     for i in range(n):
         cid, deal = f"bench-c{i % 400}", f"bench-d{i}"
         draft = {"exception_id": f"bench-x{i:06d}", "reason_code": REASONS[i % len(REASONS)],
