@@ -293,3 +293,39 @@ def test_a_confirmation_for_a_set_that_moved_does_nothing_and_teams_stay_apart(b
     anonymous = urllib.request.build_opener()
     code, page = fetch(anonymous, f"{worker['url']}/inbox/reconciliation")
     assert code == 401 and "id=token" in page and cid not in page
+
+
+def test_the_lists_quick_fix_resolves_with_a_real_click(broker, worker, driver, uid):
+    """An item's first suggestion, taken from the list itself; the replay issues the invoice with it."""
+    from selenium.webdriver.common.by import By
+
+    bs = broker.bootstrap_servers
+    cid, deal = f"qf{uid}", f"qf{uid}-deal"
+    since = end_offsets(bs, WATCH)
+    publish(bs, customer_without_account(cid))
+    read_until(bs, since, lambda got: any(g.topic == "commands.dispatch" and g.record["customer_id"] == cid
+                                          for g in got), timeout=90)
+    publish(bs, ev.change_event("deal", deal, 1, ev.deal("closed_won", LINES), cid, at=NOW))
+    got = read_until(bs, since, lambda got: any(g.topic == "exceptions.revenue-ops" and g.record["entity_id"] == deal
+                                                for g in got), timeout=90)
+    eid = next(g.record["exception_id"] for g in got if g.topic == "exceptions.revenue-ops"
+               and g.record["entity_id"] == deal)
+    driver.get(worker["url"] + "/inbox")
+    driver.find_element(By.ID, "token").send_keys(TOKENS["revenue-ops"])
+    driver.find_element(By.ID, "login").click()
+
+    def listed():  # the tracker takes the record from the queue into its table in its own time
+        driver.get(f"{worker['url']}/inbox?customer={cid}")
+        return driver.find_elements(By.ID, f"x-{eid}")
+    [item] = eventually(listed, "the exception in the inbox")
+    assert "missing_billing_account" in item.text and f"cus_{cid}" in item.text
+    item.find_element(By.CSS_SELECTOR, "form.resolve input[name=choose][value='1']").click()
+    item.find_element(By.CSS_SELECTOR, "form.resolve button.resolve-btn").click()
+    assert "accepted" in driver.find_element(By.ID, "msg").text
+    got = read_until(bs, since, lambda got: any(g.topic == "commands.billing" and g.record["type"] == "create_invoice"
+                                                and g.record["entity_id"] == deal for g in got), timeout=90)
+    [inv] = [g.record for g in got if g.topic == "commands.billing" and g.record["type"] == "create_invoice"
+             and g.record["entity_id"] == deal]
+    assert json.loads(inv["payload"])["billing_account_id"] == f"cus_{cid}"
+    assert any(g.topic.startswith("exceptions.") and g.key == eid.encode() and g.record["state"] == "resolved"
+               and g.record["resolution"]["by"] == "revenue-ops" for g in got)
