@@ -37,7 +37,8 @@ $(APT_STAMP): Makefile | $(STAMP)  # a new package in the list re-runs the check
 	fi
 	@touch $@
 
-demo: $(STAMP) ## run the main job on an embedded broker with the business simulator, then report
+demo: $(STAMP) ## run the main job on an embedded broker with the business simulator, then report (DEMO_ARGS=--serve keeps it up with the owners' inbox)
+	@case " $(DEMO_ARGS) " in *" --serve "*) ;; *) echo ">> tip: make demo DEMO_ARGS=--serve keeps broker, worker and adapters running after the report and prints the owners' inbox address with a credential per team (Ctrl-C stops)";; esac
 	$(VENV)/bin/concord demo $(DEMO_ARGS)
 
 test: $(STAMP) $(APT_STAMP) ## install what the tests need and run the whole suite

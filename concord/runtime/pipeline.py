@@ -514,7 +514,7 @@ class Pipeline:
         old = records.get(key)
         if not newer(old, exc):
             return []
-        records[key] = table_record(exc)
+        records[key] = table_record(exc, old)  # old: the history the inbox shows
         if old and old["state"] == "escalated" and exc["state"] in ("resolved", "discarded") and exc["blocks_billing"]:
             return [self.billing_hold(exc, self.clock(), hold=False)]
         return []

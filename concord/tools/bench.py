@@ -25,6 +25,7 @@ from concord.contracts.codec import Codec
 from concord.runtime.broker import ensure_topics, free_port, open_broker
 from concord.runtime.producer import new_producer
 from concord.tools.bench_audit import audit_line
+from concord.tools.bench_inbox import inbox_line
 from concord.tools.report import start_group_at_end
 
 
@@ -319,6 +320,7 @@ def run_bench(args: argparse.Namespace) -> int:
           f"ratio_ref={concord / ref:.2f} p50_ms={p50:.0f} p99_ms={p99:.0f} deep_ratio={deep:.2f} "
           f"core_eps={core:.0f} two_workers_eps={two:.0f} resume_s={resume:.1f}")
     print(audit_line())
+    print(inbox_line())
     return 0
 
 
