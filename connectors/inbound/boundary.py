@@ -1,0 +1,200 @@
+r"""The input boundary: every native body passes these limits before and while it is parsed.
+
+Checked before parsing: the body's size, that it is UTF-8, and how deeply it nests. While parsing:
+strict JSON (``NaN`` / ``Infinity`` refused), every number's digit count and range, so converting it
+costs a bounded time. After parsing, walking the document without recursion: every string's length
+and that it is valid Unicode (no lone surrogates from ``\ud800``-style escapes), every array's length.
+A body that breaks a limit raises ``BadInput`` naming the limit, its setting and where it was broken.
+
+Each limit is a setting (environment variable, documented default); see ``Limits`` and
+connectors/README.md.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, fields
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+from connectors.inbound.exceptions import BadInput
+
+# A JSON string literal; linear (no nested quantifiers), so a hostile body cannot make it backtrack.
+_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_BRACKETS = re.compile(r"[\[\]{}]")
+# A plain decimal number: sign, digits, optional fraction and exponent; nothing else reaches Decimal.
+_NUMBER = re.compile(r"[+-]?(\d*)(?:\.(\d*))?(?:[eE]([+-]?\d+))?")
+LONG_MAX = 2**63 - 1  # Avro long
+
+
+@dataclass(frozen=True)
+class Limits:
+    """How large, deep and long a native input may be; each field is read from ``CONCORD_INPUT_<NAME>``."""
+
+    record_bytes: int = 900_000  # CONCORD_MAX_RECORD_BYTES: under Kafka's default 1 MB message limit
+    depth: int = 64  # CONCORD_INPUT_DEPTH: nesting of arrays and objects
+    string_chars: int = 262_144  # CONCORD_INPUT_STRING_CHARS: one string's (or CSV cell's) length
+    digits: int = 40  # CONCORD_INPUT_DIGITS: digits in one number (a long has 19)
+    exponent: int = 30  # CONCORD_INPUT_EXPONENT: largest decimal exponent of a number written as text
+    array_items: int = 10_000  # CONCORD_INPUT_ARRAY_ITEMS: items in one array inside a record
+    parse_seconds: float = 5.0  # CONCORD_INPUT_PARSE_SECONDS: the receiver's bound on mapping one body
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> Limits:
+        """The limits, each overridden by its environment variable when set."""
+        env = dict(os.environ) if env is None else env
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            var = setting_name(f.name)
+            raw = env.get(var)
+            if not raw:
+                continue
+            try:
+                value = float(raw) if f.type == "float" else int(raw)
+            except ValueError:
+                raise SystemExit(f"{var}={raw!r} is not a number") from None
+            if value <= 0:
+                raise SystemExit(f"{var}={raw!r} must be positive")
+            values[f.name] = value
+        return cls(**values)
+
+
+def setting_name(limit: str) -> str:
+    """The environment variable that sets ``limit``."""
+    return "CONCORD_MAX_RECORD_BYTES" if limit == "record_bytes" else f"CONCORD_INPUT_{limit.upper()}"
+
+
+def _over(what: str, limits: Limits, limit: str, value: int, where: str = "") -> BadInput:
+    at = f" at {where}" if where else ""
+    return BadInput(f"{what}{at} is over the {getattr(limits, limit)} limit "
+                    f"({setting_name(limit)}; got {value})")
+
+
+def text(data: bytes, what: str = "body") -> str:
+    """``data`` as UTF-8 text (a leading BOM dropped); BadInput saying at which byte it is not."""
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise BadInput(f"{what} is not UTF-8 text: {exc.reason} at byte {exc.start}") from None
+
+
+def check_depth(doc: str, limits: Limits) -> None:
+    """BadInput when arrays and objects in JSON text ``doc`` nest deeper than ``limits.depth``."""
+    if doc.count("[") + doc.count("{") <= limits.depth:
+        return  # cannot be deeper than the number of brackets: the common case costs two counts
+    depth = deepest = 0
+    for b in _BRACKETS.findall(_STRING.sub("", doc)):
+        depth += 1 if b in "[{" else -1
+        if depth > deepest:
+            deepest = depth
+            if deepest > limits.depth:
+                raise _over("nesting depth", limits, "depth", deepest)
+
+
+def _int(token: str, limits: Limits) -> int:
+    if len(token.lstrip("-")) > limits.digits:
+        raise BadInput(f"number {token[:24]}... has {len(token)} digits, over the {limits.digits} limit "
+                       f"({setting_name('digits')})")
+    return int(token)
+
+
+def _float(token: str, limits: Limits) -> float:
+    mantissa = token.lower().split("e")[0].lstrip("-").replace(".", "")
+    if len(mantissa) > limits.digits:
+        raise BadInput(f"number {token[:24]}... has {len(mantissa)} digits, over the {limits.digits} limit "
+                       f"({setting_name('digits')})")
+    value = float(token)
+    if not math.isfinite(value):
+        raise BadInput(f"number {token[:40]} is out of range")
+    return value
+
+
+def _constant(token: str) -> Any:
+    raise BadInput(f"{token} is not JSON (strict JSON has no NaN or Infinity)")
+
+
+def walk(doc: Any, limits: Limits, split: bool = False) -> None:
+    """BadInput when a parsed document holds a string too long or not valid Unicode, or an array too long."""
+    stack: list[tuple[Any, str]] = [(doc, "$")]
+    while stack:
+        node, path = stack.pop()
+        if isinstance(node, str):
+            _check_string(node, path, limits)
+        elif isinstance(node, dict):
+            for k, v in node.items():
+                _check_string(k, f"{path} key", limits)
+                stack.append((v, f"{path}.{k[:40]}"))
+        elif isinstance(node, list):
+            if len(node) > limits.array_items and not (split and path == "$"):
+                raise _over("array length", limits, "array_items", len(node), path)
+            stack.extend((v, f"{path}[{i}]") for i, v in enumerate(node))
+
+
+def _check_string(s: str, path: str, limits: Limits) -> None:
+    if len(s) > limits.string_chars:
+        raise _over("string length", limits, "string_chars", len(s), path)
+    if not s.isascii():
+        try:
+            s.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise BadInput(f"string at {path} is not valid Unicode: {exc.reason} at character {exc.start}") from None
+
+
+class NotJSON(BadInput):
+    """The text is not JSON at all (as opposed to JSON that breaks a limit)."""
+
+
+def decoder(limits: Limits) -> json.JSONDecoder:
+    """A strict JSON decoder whose numbers are checked against ``limits`` before they are converted."""
+    return json.JSONDecoder(parse_int=lambda t: _int(t, limits), parse_float=lambda t: _float(t, limits),
+                            parse_constant=_constant)
+
+
+def loads(data: bytes | str, limits: Limits | None = None, split: bool = False) -> Any:
+    """Parse one JSON document within ``limits``; BadInput (never another error) for anything it refuses.
+
+    ``split``: the top-level array is a list of records (a file), so its own length is not limited.
+    """
+    limits = limits or Limits.from_env()
+    doc = data if isinstance(data, str) else text(data)
+    check_depth(doc, limits)
+    try:
+        parsed = decoder(limits).decode(doc)
+    except BadInput:
+        raise
+    except RecursionError:  # a depth the pre-scan missed cannot crash the caller
+        raise BadInput(f"nesting depth is over the {limits.depth} limit ({setting_name('depth')})") from None
+    except ValueError as exc:
+        raise NotJSON(f"not JSON: {exc}") from None
+    walk(parsed, limits, split)
+    return parsed
+
+
+def decimal(value: str, what: str, kind: str = "a number", limits: Limits | None = None) -> Decimal:
+    """A decimal from text, refusing before conversion any that has too many digits or too large an exponent."""
+    limits = limits or Limits.from_env()
+    s = value.strip()
+    m = _NUMBER.fullmatch(s)
+    if not m or not (m.group(1) or m.group(2)):
+        raise BadInput(f"{what} {value[:40]!r} is not {kind}")
+    whole, frac, exp = m.group(1) or "", m.group(2) or "", m.group(3)
+    if len(whole) + len(frac) > limits.digits:
+        raise BadInput(f"{what} has {len(whole) + len(frac)} digits, over the {limits.digits} limit "
+                       f"({setting_name('digits')})")
+    if exp is not None and (len(exp.lstrip("+-")) > 6 or abs(int(exp)) > limits.exponent):
+        raise BadInput(f"{what} {value[:40]!r} has an exponent over {limits.exponent} "
+                       f"({setting_name('exponent')})")
+    try:
+        return Decimal(s)
+    except InvalidOperation:
+        raise BadInput(f"{what} {value[:40]!r} is not {kind}") from None
+
+
+def long(value: int, what: str) -> int:
+    """``value`` when it fits an Avro long; BadInput naming ``what`` otherwise."""
+    if not -LONG_MAX - 1 <= value <= LONG_MAX:
+        raise BadInput(f"{what} {str(value)[:24]}... is out of range (a signed 64-bit integer)")
+    return value
