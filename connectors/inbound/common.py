@@ -184,7 +184,7 @@ _NO_ATTRIBUTE = re.compile(r"'(\w+)' object has no attribute '(\w+)'")
 def unexpected(exc: Exception) -> BadInput:
     """The BadInput for an error a mapper did not raise on purpose (a field of a shape it did not expect)."""
     if isinstance(exc, KeyError):
-        msg = f"missing required field {_clip(exc.args[0] if exc.args else '')}"
+        msg = f"missing required field {_clip(repr(exc.args[0]) if exc.args else '')}"
     elif isinstance(exc, AttributeError) and (m := _NO_ATTRIBUTE.search(str(exc))):
         msg = f"a field that must be a JSON object is a {m.group(1)} (looked up {m.group(2)!r})"
     elif isinstance(exc, TypeError | IndexError):

@@ -83,6 +83,8 @@ def _rows(reader: Any) -> tuple[list[str], list[tuple[int, dict[str, str], bytes
         w.writerow(cells)
         rows.append((n, {h: (cells[i].strip() if i < len(cells) else "") for i, h in enumerate(header)},
                      buf.getvalue().encode()))
+    if not rows:  # like an empty JSON input: nothing to map is said, not passed over in silence
+        raise c.BadInput("CSV has a header row but no data rows")
     return header, rows
 
 

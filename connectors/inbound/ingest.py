@@ -9,6 +9,7 @@ only once the broker acknowledged, so a failed publish is retried rather than dr
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import os
@@ -109,9 +110,17 @@ class Deduper:
 
 def _parse_line(line: bytes, limits: boundary.Limits) -> Any:
     try:
-        return boundary.loads(line, limits)
+        return boundary.loads(line, _for_size(limits, len(line)))
     except c.BadInput as exc:
         return exc
+
+
+def _for_size(limits: boundary.Limits, size: int) -> boundary.Limits:
+    """A record over the size limit is parsed only to name it in its dead letter: its strings may be long."""
+    if size <= limits.record_bytes:
+        return limits
+    return dataclasses.replace(limits, string_chars=max(size, limits.string_chars),
+                               array_items=max(size, limits.array_items))
 
 
 def split_units(data: bytes, keep_arrays: bool = False) -> list[tuple[bytes, Any, int]]:
@@ -121,7 +130,7 @@ def split_units(data: bytes, keep_arrays: bool = False) -> list[tuple[bytes, Any
     limits = boundary.Limits.from_env()
     try:
         text = boundary.text(data, "input")
-        doc = boundary.loads(text, limits, split=not keep_arrays)
+        doc = boundary.loads(text, _for_size(limits, len(data)), split=not keep_arrays)
     except c.BadInput as exc:
         lines = [(n, ln) for n, ln in enumerate(data.splitlines(), 1) if ln.strip()]
         parsed = [(n, ln, _parse_line(ln, limits)) for n, ln in lines] if len(lines) > 1 else []
@@ -143,9 +152,15 @@ def split_units(data: bytes, keep_arrays: bool = False) -> list[tuple[bytes, Any
         obj, end = dec.raw_decode(text, i)
         line_no += text.count("\n", counted, i)  # counted incrementally: a large array stays linear
         counted = i
-        items.append((text[i:end].encode(), obj, line_no))
+        raw = text[i:end].encode()
+        if len(raw) <= limits.record_bytes and len(data) > limits.record_bytes:
+            try:  # the file was parsed with the limits of an oversized record; this item gets its own
+                boundary.walk(obj, limits)
+            except c.BadInput as exc:
+                obj = exc
+        items.append((raw, obj, line_no))
         i = end
-    return items
+    return items or [(data, c.BadInput("empty array: no records"), 1)]
 
 
 def split_json(data: bytes, keep_arrays: bool = False) -> list[tuple[bytes, Any]]:
@@ -235,7 +250,10 @@ def normalize(source: str, data: bytes, ctx: c.Context, dedupe: Deduper | None =
             batch.deadletters.append(oversized(source, raw, limit, rid, ctx, where))
             continue
         try:
-            outcomes.append((raw, map_unit(source, rec, raw, ctx), where))
+            out = map_unit(source, rec, raw, ctx)
+            if not (out.events or out.rereads or out.skipped or out.rejected):
+                raise c.BadInput("no records in this input (an empty array or batch)")
+            outcomes.append((raw, out, where))
         except c.BadInput as exc:
             batch.unplanned += exc.unexpected is not None
             batch.deadletters.append(dead_letter(source, exc.raw or raw, "normalize", "BadInput", str(exc),
