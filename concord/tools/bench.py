@@ -21,6 +21,7 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 from concord.contracts import topics
 from concord.contracts.codec import Codec
 from concord.runtime.broker import ensure_topics, free_port, open_broker
+from concord.tools import bench_receiver
 
 
 def say(msg: str) -> None:
@@ -251,6 +252,7 @@ def run_bench(args: argparse.Namespace) -> int:
         p50 = statistics.median(latencies)
         p99 = latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))]
         say(f"publish-to-command latency at {args.rate:.0f}/s: p50 {p50:.0f} ms, p99 {p99:.0f} ms")
+        bench_receiver.report(bs)
     print(f"bench: concord_eps={concord:.0f} reference_eps={ref:.0f} raw_eps={raw:.0f} "
           f"ratio_ref={concord / ref:.2f} p50_ms={p50:.0f} p99_ms={p99:.0f}")
     return 0

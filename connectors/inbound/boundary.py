@@ -24,7 +24,8 @@ from connectors.inbound.exceptions import BadInput
 
 # A JSON string literal; linear (no nested quantifiers), so a hostile body cannot make it backtrack.
 _STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
-_BRACKETS = re.compile(r"[\[\]{}]")
+_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+_PAIR = re.compile(r"\[\]|\{\}")
 # A plain decimal number: sign, digits, optional fraction and exponent; nothing else reaches Decimal.
 _NUMBER = re.compile(r"[+-]?(\d*)(?:\.(\d*))?(?:[eE]([+-]?\d+))?")
 LONG_MAX = 2**63 - 1  # Avro long
@@ -82,34 +83,36 @@ def text(data: bytes, what: str = "body") -> str:
 
 
 def check_depth(doc: str, limits: Limits) -> None:
-    """BadInput when arrays and objects in JSON text ``doc`` nest deeper than ``limits.depth``."""
+    """BadInput when arrays and objects in JSON text ``doc`` nest deeper than ``limits.depth``.
+
+    Only brackets are kept, then innermost pairs are removed a level per pass (each pass one regular-expression
+    scan): a document needing more passes than the limit nests too deeply. Brackets inside strings are cut
+    out only when the quick reading (with them) says too deep; ``walk`` measures the parsed depth exactly.
+    """
     if doc.count("[") + doc.count("{") <= limits.depth:
         return  # cannot be deeper than the number of brackets: the common case costs two counts
-    depth = deepest = 0
-    for b in _BRACKETS.findall(_STRING.sub("", doc)):
-        depth += 1 if b in "[{" else -1
-        if depth > deepest:
-            deepest = depth
-            if deepest > limits.depth:
-                raise _over("nesting depth", limits, "depth", deepest)
+    if _within(_NOT_BRACKET.sub("", doc), limits.depth):
+        return
+    if not _within(_NOT_BRACKET.sub("", _STRING.sub("", doc)), limits.depth):
+        raise BadInput(f"nesting depth is over the {limits.depth} limit ({setting_name('depth')})")
 
 
-def _int(token: str, limits: Limits) -> int:
-    if len(token.lstrip("-")) > limits.digits:
-        raise BadInput(f"number {token[:24]}... has {len(token)} digits, over the {limits.digits} limit "
+def _within(brackets: str, depth: int) -> bool:
+    for _ in range(depth):
+        inner = _PAIR.sub("", brackets)
+        if not inner or inner == brackets:
+            return True  # balanced within the limit, or unbalanced: then the parser says what is wrong
+        brackets = inner
+    return False
+
+
+def _check_number(value: int | float, path: str, limits: Limits) -> None:
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise BadInput(f"number at {path} is out of range")
+    elif not isinstance(value, bool) and abs(value) >= 10**limits.digits:
+        raise BadInput(f"number at {path} has {len(str(abs(value)))} digits, over the {limits.digits} limit "
                        f"({setting_name('digits')})")
-    return int(token)
-
-
-def _float(token: str, limits: Limits) -> float:
-    mantissa = token.lower().split("e")[0].lstrip("-").replace(".", "")
-    if len(mantissa) > limits.digits:
-        raise BadInput(f"number {token[:24]}... has {len(mantissa)} digits, over the {limits.digits} limit "
-                       f"({setting_name('digits')})")
-    value = float(token)
-    if not math.isfinite(value):
-        raise BadInput(f"number {token[:40]} is out of range")
-    return value
 
 
 def _constant(token: str) -> Any:
@@ -117,20 +120,25 @@ def _constant(token: str) -> Any:
 
 
 def walk(doc: Any, limits: Limits, split: bool = False) -> None:
-    """BadInput when a parsed document holds a string too long or not valid Unicode, or an array too long."""
-    stack: list[tuple[Any, str]] = [(doc, "$")]
+    """BadInput when a parsed document nests too deeply, or holds a string, number or array over a limit."""
+    stack: list[tuple[Any, str, int]] = [(doc, "$", 0)]
     while stack:
-        node, path = stack.pop()
+        node, path, depth = stack.pop()
         if isinstance(node, str):
             _check_string(node, path, limits)
-        elif isinstance(node, dict):
-            for k, v in node.items():
-                _check_string(k, f"{path} key", limits)
-                stack.append((v, f"{path}.{k[:40]}"))
-        elif isinstance(node, list):
-            if len(node) > limits.array_items and not (split and path == "$"):
-                raise _over("array length", limits, "array_items", len(node), path)
-            stack.extend((v, f"{path}[{i}]") for i, v in enumerate(node))
+        elif isinstance(node, int | float):
+            _check_number(node, path, limits)
+        elif isinstance(node, dict | list):
+            if depth >= limits.depth:
+                raise BadInput(f"nesting depth at {path} is over the {limits.depth} limit ({setting_name('depth')})")
+            if isinstance(node, dict):
+                for k, v in node.items():
+                    _check_string(k, f"{path} key", limits)
+                    stack.append((v, f"{path}.{k[:40]}", depth + 1))
+            else:
+                if len(node) > limits.array_items and not (split and path == "$"):
+                    raise _over("array length", limits, "array_items", len(node), path)
+                stack.extend((v, f"{path}[{i}]", depth + 1) for i, v in enumerate(node))
 
 
 def _check_string(s: str, path: str, limits: Limits) -> None:
@@ -148,9 +156,12 @@ class NotJSON(BadInput):
 
 
 def decoder(limits: Limits) -> json.JSONDecoder:
-    """A strict JSON decoder whose numbers are checked against ``limits`` before they are converted."""
-    return json.JSONDecoder(parse_int=lambda t: _int(t, limits), parse_float=lambda t: _float(t, limits),
-                            parse_constant=_constant)
+    """A strict JSON decoder (no NaN or Infinity); numbers are converted in C, checked by ``walk``.
+
+    Converting a JSON number costs little (Python refuses integers over 4300 digits; a float is a float):
+    the slow conversions are of numbers in text fields, which ``decimal`` bounds.
+    """
+    return json.JSONDecoder(parse_constant=_constant)
 
 
 def loads(data: bytes | str, limits: Limits | None = None, split: bool = False) -> Any:

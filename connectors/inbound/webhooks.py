@@ -133,7 +133,8 @@ def make_app(bootstrap: str, identity: IdentityMap | None = None, dedupe: Dedupe
     ctx = c.Context(identity=identity or IdentityMap())
     dedupe = dedupe or Deduper()
     secrets = env if env is not None else dict(os.environ)
-    mapping_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="concord-webhook-map")
+    # One mapping thread: bodies queue for it rather than take turns with the event loop for the interpreter lock.
+    mapping_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="concord-webhook-map")
 
     async def receive(request: web.Request) -> web.Response:
         source = request.match_info["source"]
@@ -147,8 +148,8 @@ def make_app(bootstrap: str, identity: IdentityMap | None = None, dedupe: Dedupe
             error = f"body is {size} bytes, over the {max(HARD_CAP, limit)}-byte cap: not read, not stored"
             _refused(source, request, 413, error, size, sha256)
             return web.json_response({"error": error, "size": size, "sha256": sha256, "limit": limit}, status=413)
-        try:
-            verify(source, request, body, secrets)
+        try:  # an HMAC over a large body is CPU work: off the loop as well
+            await loop.run_in_executor(mapping_pool, verify, source, request, body, secrets)
         except Unauthorized as exc:
             metrics.INGESTED.labels(source, "unauthorized").inc()
             _refused(source, request, 401, str(exc), size, sha256)
