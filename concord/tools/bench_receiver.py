@@ -91,7 +91,7 @@ def measure(bootstrap: str, seconds: float = 15.0, senders: int = 2) -> Receiver
                     raise RuntimeError("concord webhooks did not start") from None
                 time.sleep(0.2)
         bodies = hostile_bodies(400)
-        sent, statuses, lock = [0], {}, threading.Lock()
+        sent, statuses, lock = [0], dict[int, int](), threading.Lock()
         stop = threading.Event()
 
         def send(offset: int) -> None:

@@ -270,10 +270,10 @@ def normalize(source: str, data: bytes, ctx: c.Context, dedupe: Deduper | None =
 
     for raw, out, where in outcomes:
         batch.skipped += out.skipped
-        for exc in out.rejected:
-            batch.unplanned += exc.unexpected is not None
-            batch.deadletters.append(dead_letter(source, exc.raw or raw, "normalize", "BadInput", str(exc),
-                                                 exc.record_id, ctx, where, limit))
+        for rej in out.rejected:
+            batch.unplanned += rej.unexpected is not None
+            batch.deadletters.append(dead_letter(source, rej.raw or raw, "normalize", "BadInput", str(rej),
+                                                 rej.record_id, ctx, where, limit))
         for rr in out.rereads:
             if fresh(rr.dedupe_key):
                 msg = (f"needs re-read: {rr.source} {rr.change_type} for {rr.entity_type} "
