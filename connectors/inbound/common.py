@@ -16,6 +16,7 @@ import json
 import math
 import re
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
@@ -193,9 +194,19 @@ def unexpected(exc: Exception) -> BadInput:
         msg = "nested too deeply to map"
     else:
         msg = f"cannot map this record: {type(exc).__name__}: {_clip(str(exc))}"
-    err = BadInput(msg)
+    err = BadInput(msg + _where(exc))
     err.unexpected = type(exc).__name__
     return err
+
+
+def _where(exc: BaseException) -> str:
+    """Which connector function met the field (its name says which part of the record: ``_lines``, ``_customer``)."""
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if "/connectors/inbound/" in f.filename
+              and not f.filename.endswith(("/common.py", "/ingest.py"))]
+    if not frames:
+        return ""
+    module = frames[-1].filename.rsplit("/", 1)[-1].removesuffix(".py")
+    return f" (in {module}.{frames[-1].name})"
 
 
 def _clip(value: Any, n: int = 200) -> str:

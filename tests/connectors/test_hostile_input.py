@@ -195,6 +195,7 @@ def test_map_unit_turns_a_mappers_accident_into_bad_input():
     err = c.unexpected(KeyError("ChangeEventHeader"))
     assert str(err) == "missing required field 'ChangeEventHeader'" and err.unexpected == "KeyError"
     event = stripe(1, lines={"data": ["not an object"]})
-    with pytest.raises(c.BadInput, match="a field that must be a JSON object is a str") as caught:
+    expected = "a field that must be a JSON object is a str (looked up 'get') (in stripe_events._lines)"
+    with pytest.raises(c.BadInput, match=re.escape(expected)) as caught:
         ingest.map_unit("stripe", event, json.dumps(event).encode(), c.Context())
     assert caught.value.unexpected == "AttributeError"
