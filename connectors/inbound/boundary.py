@@ -1,9 +1,10 @@
 r"""The input boundary: every native body passes these limits before and while it is parsed.
 
 Checked before parsing: the body's size, that it is UTF-8, and how deeply it nests. While parsing:
-strict JSON (``NaN`` / ``Infinity`` refused), every number's digit count and range, so converting it
-costs a bounded time. After parsing, walking the document without recursion: every string's length
-and that it is valid Unicode (no lone surrogates from ``\ud800``-style escapes), every array's length.
+strict JSON (``NaN`` / ``Infinity`` refused). After parsing, walking the document without recursion:
+its depth, every string's length and that it is valid Unicode (no lone surrogates from ``\ud800``-style
+escapes), every number's digits and range, every array's length. Numbers written as text are checked
+by ``decimal`` before they are converted, so no conversion costs more than a bounded time.
 A body that breaks a limit raises ``BadInput`` naming the limit, its setting and where it was broken.
 
 Each limit is a setting (environment variable, documented default); see ``Limits`` and
@@ -16,6 +17,7 @@ import json
 import math
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from decimal import Decimal, InvalidOperation
 from typing import Any
@@ -44,9 +46,9 @@ class Limits:
     parse_seconds: float = 5.0  # CONCORD_INPUT_PARSE_SECONDS: the receiver's bound on mapping one body
 
     @classmethod
-    def from_env(cls, env: dict[str, str] | None = None) -> Limits:
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Limits:
         """The limits, each overridden by its environment variable when set."""
-        env = dict(os.environ) if env is None else env
+        env = os.environ if env is None else env
         values: dict[str, Any] = {}
         for f in fields(cls):
             var = setting_name(f.name)
