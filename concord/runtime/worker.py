@@ -77,6 +77,10 @@ def build_app(settings: Settings, pipeline: Pipeline | None = None) -> faust.App
         value_serializer="raw",
         key_serializer="raw",
         consumer_auto_offset_reset="earliest",
+        # The check compares the changelog offsets this worker wrote with the broker's end offset, which the
+        # embedded broker reports as its last batch's base + 1: a live worker crashed at the next rebalance.
+        # Recovery then reads from the persisted offset to the end it is told, which is what it needs.
+        recovery_consistency_check=False,
     )
     ledger = OffsetLedger()
     faust_shims.apply(app, ledger=ledger, fetch_max_wait_ms=settings.fetch_max_wait_ms)
@@ -321,9 +325,13 @@ def build_app(settings: Settings, pipeline: Pipeline | None = None) -> faust.App
     async def metrics_page(web: Any, request: Any) -> Any:
         return web.bytes(generate_latest(metrics.REGISTRY), content_type=CONTENT_TYPE_LATEST.split(";")[0])
 
+    from concord.domain.governance import running_digest
+
+    metrics.CONFIG_INFO.labels(running_digest()).set(1)
+
     @app.page("/healthz")
     async def healthz(web: Any, request: Any) -> Any:
-        return web.json({"ok": True, "app_id": settings.app_id})
+        return web.json({"ok": True, "app_id": settings.app_id, "config_digest": running_digest()})
 
     @app.page("/customers/{customer_id}")
     @app.table_route(table=customer_to_status, match_info="customer_id")

@@ -23,6 +23,7 @@ from concord.contracts.codec import Codec
 from concord.runtime.broker import ensure_topics, free_port, open_broker
 from concord.runtime.producer import new_producer
 from concord.tools import bench_receiver
+from concord.tools.bench_audit import audit_line
 
 
 def say(msg: str) -> None:
@@ -256,6 +257,7 @@ def run_bench(args: argparse.Namespace) -> int:
         bench_receiver.report(bs)
     print(f"bench: concord_eps={concord:.0f} reference_eps={ref:.0f} raw_eps={raw:.0f} "
           f"ratio_ref={concord / ref:.2f} p50_ms={p50:.0f} p99_ms={p99:.0f}")
+    print(audit_line())
     return 0
 
 

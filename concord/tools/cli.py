@@ -21,6 +21,8 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
     "connectors.inbound.ingest",
     "connectors.inbound.webhooks",
     "connectors.outbound.cli",
+    "concord.tools.audit",
+    "concord.tools.rules_diff",
 )
 
 
