@@ -10,7 +10,7 @@ APT_STAMP := $(VENV)/.apt-stamp
 APT_PACKAGES := prometheus chromium chromium-driver postgresql
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test lint bench chaos clean system-packages
+.PHONY: help install demo test lint bench chaos fuzz clean system-packages
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -53,6 +53,9 @@ bench: $(STAMP) ## throughput and latency on the embedded broker; prints a `benc
 
 chaos: $(STAMP) ## kill workers and adapters under load (SIGKILL, SIGTERM, two workers); prints a `chaos:` line
 	$(VENV)/bin/concord chaos $(CHAOS_ARGS)
+
+fuzz: $(STAMP) ## mutated vendor payloads per connector and signed hostile bodies at the receiver; prints a `fuzz:` line
+	$(PY) -m connectors.inbound.fuzz $(FUZZ_ARGS)
 
 clean: ## remove the virtual environment and local state
 	rm -rf $(VENV) .concord .pytest_cache .hypothesis

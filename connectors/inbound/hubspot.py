@@ -139,13 +139,13 @@ def map_record(record: Any, raw: bytes, ctx: c.Context) -> c.Outcome:
         if not isinstance(e, dict):
             out.rejected.append(c.BadInput(f"a HubSpot event must be a JSON object, got {type(e).__name__}"))
             continue
-        k = (str(e.get("objectId")), e.get("occurredAt"))
+        k = (str(e.get("objectId")), str(e.get("occurredAt")))
         positions[k] = positions.get(k, -1) + 1
         try:
-            out.extend(_one(e, positions[k], raw, ctx))
+            out.extend(c.guard(_one, e, positions[k], raw, ctx))
         except c.BadInput as exc:
-            if exc.record_id is None:
-                exc.record_id = str(e.get("eventId") or "")
+            if exc.record_id is None and isinstance(e.get("eventId"), str | int):
+                exc.record_id = str(e.get("eventId"))
             if len(events) == 1:
                 raise
             out.rejected.append(exc)

@@ -78,7 +78,8 @@ def map_record(record: Any, raw: bytes, ctx: c.Context) -> c.Outcome:
     topic = str(c.require(hook, "topic")).upper()
     item = str(c.require(hook, "itemId"))
     occurred = c.to_ms(c.require(hook, "occurredAt"), "occurredAt")
-    assert occurred is not None
+    if occurred is None:
+        raise c.BadInput("occurredAt is empty", item)
     key = f"jobber:{topic}:{item}:{occurred}"
     if topic not in TOPICS:
         raise c.BadInput(f"topic {topic!r} is not mapped ({sorted(TOPICS)})", item)
