@@ -20,8 +20,18 @@ from typing import Any
 
 from concord.contracts.codec import Codec
 from concord.contracts.topics import CHANGES, INGEST_DEADLETTERS, INGEST_SOURCES, deadletter_topic
+from concord.exceptions import ConfigError
 from concord.runtime import metrics
-from connectors.inbound import canonical, csv_import, debezium, hubspot, jobber, salesforce, stripe_events
+from connectors.inbound import (
+    canonical,
+    csv_import,
+    debezium,
+    debezium_mapping,
+    hubspot,
+    jobber,
+    salesforce,
+    stripe_events,
+)
 from connectors.inbound import common as c
 from connectors.inbound.identity import DEFAULT_PATH, IdentityMap
 
@@ -351,7 +361,14 @@ def run(args: argparse.Namespace) -> int:
     (the rest were published).
     """
     identity = IdentityMap(args.identity)
-    ctx = c.Context(identity=identity, settings={"tables": json.loads(args.tables)} if args.tables else {})
+    settings: dict[str, Any] = {"tables": json.loads(args.tables)} if args.tables else {}
+    if args.source == "debezium":
+        try:  # the column mapping is checked before any record is read, so a typo cannot dead-letter a feed
+            settings["debezium"] = debezium_mapping.load_config(args.debezium_config)
+        except ConfigError as exc:
+            print(f"concord ingest: error: {exc}", file=sys.stderr)
+            return EXIT_UNREADABLE
+    ctx = c.Context(identity=identity, settings=settings)
     dedupe = Deduper(args.dedupe_file)
     batches = []
     unreadable = 0
@@ -434,6 +451,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--identity", default=os.environ.get("CONCORD_IDENTITY_FILE", DEFAULT_PATH),
                    help=f"identity cross-reference file (default {DEFAULT_PATH})")
     p.add_argument("--tables", help='Debezium table → entity map as JSON, e.g. \'{"work_orders": "job"}\'')
+    p.add_argument("--debezium-config", metavar="FILE",
+                   help="Debezium table / column mapping (default $CONCORD_DEBEZIUM_CONFIG, else "
+                   "connectors/config/debezium.yaml); checked at start, errors name file:line")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the broker (default 30)")
     p.add_argument("--no-create-topics", action="store_true", help="do not create missing topics")
     p.set_defaults(func=run)
