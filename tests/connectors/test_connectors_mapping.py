@@ -241,7 +241,8 @@ def test_stripe_unresolved_customer_stays_null_with_ranked_candidates():
 def test_stripe_payment_failed_maps_reason_and_amount():
     [ev] = events("stripe", "stripe_payment_failed.json")
     assert ev["entity_type"] == "payment" and ev["payload"]["status"] == "failed"
-    assert ev["payload"]["failure_reason"] == "card_declined" and ev["payload"]["amount_cents"] == 42000
+    assert ev["payload"]["failure_reason"] == "card_declined/insufficient_funds (card_error)"
+    assert ev["payload"]["amount_cents"] == 42000
     assert ev["payload"]["invoice_id"] == "in_1PB7nh2eZvKYlo2Ck8Tq3xYz"
 
 

@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from kafka_helpers import end_offsets, read_until
 
 from concord.contracts import topics
 from concord.contracts.codec import Codec
@@ -17,7 +18,6 @@ from connectors.inbound import debezium
 from connectors.inbound import debezium_mapping as dm
 from connectors.inbound.identity import IdentityMap
 from connectors.inbound.ingest import normalize
-from tests.kafka_helpers import end_offsets, read_until
 
 FIX = Path(__file__).resolve().parents[1] / "fixtures" / "connectors"
 NOW = 1_714_600_000_000
