@@ -30,12 +30,14 @@ import hmac
 import json
 import logging
 import os
+import sys
 from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from concord.contracts.topics import deadletter_topic
+from concord.exceptions import ConfigError
 from concord.runtime import metrics
 from connectors.inbound import common as c
 from connectors.inbound import hubspot, jobber, salesforce, stripe_events
@@ -106,7 +108,8 @@ def make_app(bootstrap: str, identity: IdentityMap | None = None, dedupe: Dedupe
              timeout_s: float = 30.0, env: dict[str, str] | None = None) -> web.Application:
     """The webhook application, publishing to the broker at ``bootstrap``."""
     publisher = Publisher(bootstrap, timeout_s=timeout_s)
-    ctx = c.Context(identity=identity or IdentityMap())
+    # the stage map is checked before the first request, so a bad file stops the receiver with file:line
+    ctx = c.Context(identity=identity or IdentityMap(), settings={"hubspot": hubspot.load_config()})
     dedupe = dedupe or Deduper()
     secrets = env if env is not None else dict(os.environ)
 
@@ -184,6 +187,11 @@ def run(args: argparse.Namespace) -> int:
     from concord.contracts.topics import CHANGES, INGEST_DEADLETTERS
     from concord.runtime.broker import ensure_topics, open_broker
 
+    try:
+        hubspot.load_config()
+    except ConfigError as exc:
+        print(f"concord webhooks: error: {exc}", file=sys.stderr)
+        return 2
     with contextlib.ExitStack() as stack:
         bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
         if not bootstrap:

@@ -140,7 +140,7 @@ def test_hubspot_batch_maps_each_event_rereads_creations_and_skips_contacts():
         ("deal", "18273645", "update"), ("deal", "18273645", "update"), ("customer", "9912345", "delete")]
     stage, amount, deleted = evs
     assert stage["payload"]["stage"] == "closed_won" and stage["changed_fields"] == ["stage"]
-    assert amount["payload"] is None and amount["changed_fields"] == ["amount_cents"]
+    assert amount["payload"]["amount_cents"] == 420000 and amount["changed_fields"] == ["amount_cents"]
     assert amount["caused_by_command_id"] == "cmd_b91d04aa" and stage["caused_by_command_id"] is None
     assert stage["seq"] < amount["seq"], "same-millisecond changes must still be ordered"
     assert stage["event_id"] == "hs:2412001:1701000001:1714480100000"
