@@ -10,7 +10,8 @@ it under ``data.job`` (or ``webHookEvent.job``), and then the event carries the 
 - JOB_COMPLETE → status completed (the record itself when given, else a status-only payload).
 - JOB_DESTROY → delete. VISIT_COMPLETE → an update of the visit's job (``data.job`` needed, its
   ``itemId`` is the visit's), else ``Reread``.
-- ``seq`` = ``occurredAt`` in ms; not contiguous. Dedupe key: topic, itemId, occurredAt.
+- ``seq`` = ``occurredAt`` (Jobber's schema spells it ``occuredAt``; both are read) in ms; not contiguous.
+  Dedupe key: topic, itemId, occurredAt.
 - Signature: base64(HMAC-SHA256(app secret, raw body)) in ``X-Jobber-Hmac-SHA256``.
 - The job's client id is its account reference; the identity map resolves it to a customer.
 """
@@ -77,7 +78,9 @@ def map_record(record: Any, raw: bytes, ctx: c.Context) -> c.Outcome:
     hook = hook or record
     topic = str(c.require(hook, "topic")).upper()
     item = str(c.require(hook, "itemId"))
-    occurred = c.to_ms(c.require(hook, "occurredAt"), "occurredAt")
+    # Jobber's own GraphQL schema spells the field occuredAt; both spellings are read
+    field_name = "occuredAt" if hook.get("occurredAt") is None and hook.get("occuredAt") is not None else "occurredAt"
+    occurred = c.to_ms(c.require(hook, field_name, what="occurredAt (or occuredAt)"), field_name)
     assert occurred is not None
     key = f"jobber:{topic}:{item}:{occurred}"
     if topic not in TOPICS:
