@@ -22,18 +22,11 @@ from concord.contracts.codec import Codec
 from concord.contracts.topics import CHANGES, INGEST_DEADLETTERS, INGEST_SOURCES, deadletter_topic
 from concord.exceptions import ConfigError
 from concord.runtime import metrics
-from connectors.inbound import (
-    canonical,
-    csv_import,
-    debezium,
-    debezium_mapping,
-    hubspot,
-    jobber,
-    salesforce,
-    stripe_events,
-)
+from connectors.inbound import canonical, csv_import, debezium, hubspot, jobber, salesforce, stripe_events
 from connectors.inbound import common as c
+from connectors.inbound.debezium_mapping import load_config as load_debezium_config
 from connectors.inbound.identity import DEFAULT_PATH, IdentityMap
+from connectors.inbound.join_keys import load as load_join_keys
 
 MAPPERS = {"salesforce": salesforce, "hubspot": hubspot, "stripe": stripe_events, "debezium": debezium,
            "jobber": jobber, "canonical": canonical}
@@ -362,12 +355,14 @@ def run(args: argparse.Namespace) -> int:
     """
     identity = IdentityMap(args.identity)
     settings: dict[str, Any] = {"tables": json.loads(args.tables)} if args.tables else {}
-    if args.source == "debezium":
-        try:  # the column mapping is checked before any record is read, so a typo cannot dead-letter a feed
-            settings["debezium"] = debezium_mapping.load_config(args.debezium_config)
-        except ConfigError as exc:
-            print(f"concord ingest: error: {exc}", file=sys.stderr)
-            return EXIT_UNREADABLE
+    try:  # mappings are checked before any record is read, so a typo cannot dead-letter a whole feed
+        if args.source == "debezium":
+            settings["debezium"] = load_debezium_config(args.debezium_config)
+        if args.source in ("stripe", "salesforce", "jobber"):
+            settings["join_keys"] = load_join_keys()
+    except ConfigError as exc:
+        print(f"concord ingest: error: {exc}", file=sys.stderr)
+        return EXIT_UNREADABLE
     ctx = c.Context(identity=identity, settings=settings)
     dedupe = Deduper(args.dedupe_file)
     batches = []

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from connectors.inbound import common as c
+from connectors.inbound import join_keys
 
 VENDOR = "salesforce"
 CONTENT_TYPE = "application/json; format=salesforce-cdc"
@@ -45,9 +46,8 @@ GAPS = {"GAP_CREATE", "GAP_UPDATE", "GAP_DELETE", "GAP_UNDELETE", "GAP_OVERFLOW"
 ENTITIES = {"Account": "customer", "Opportunity": "deal"}
 
 # Native field → Concord field, per entity (custom fields are this org's; configurable via settings).
-ACCOUNT_FIELDS = {"Name": "name", "Email__c": "email", "Billing_Account_Id__c": "billing_account_id",
-                  "Billing_Terms__c": "billing_terms", "Billing_Policy__c": "billing_policy",
-                  "BillingAddress": "billing_address", "Dispatch_Account_Id__c": "external_ids"}
+ACCOUNT_FIELDS = {"Name": "name", "Email__c": "email", "Billing_Terms__c": "billing_terms",
+                  "Billing_Policy__c": "billing_policy", "BillingAddress": "billing_address"}  # + join_keys.yaml
 OPPORTUNITY_FIELDS = {"Name": "name", "StageName": "stage", "Amount": "amount_cents", "CurrencyIsoCode": "currency",
                       "CloseDate": "closed_at", "IsWon": "stage", "IsClosed": "stage",
                       "Billing_Status__c": "billing_status", "Line_Items__c": "lines"}
@@ -163,12 +163,14 @@ def _stage(body: dict[str, Any]) -> str | None:
     return "closed_won" if n == "closedwon" else "closed_lost" if n == "closedlost" else "open"
 
 
-def _customer_payload(body: dict[str, Any], present: set[str], partial: bool = False) -> dict[str, Any] | None:
+def _customer_payload(body: dict[str, Any], present: set[str], keys: join_keys.SalesforceKeys,
+                      partial: bool = False) -> dict[str, Any] | None:
     if not partial and ("Name" not in present or body.get("Name") is None):
         return None
-    return c.customer(body.get("Name"), body.get("Email__c"), body.get("Billing_Account_Id__c"),
-                      body.get("Billing_Terms__c"), body.get("Billing_Policy__c"), _address(body.get("BillingAddress")),
-                      {"dispatch": body.get("Dispatch_Account_Id__c"), "billing": body.get("Billing_Account_Id__c")})
+    billing, dispatch = body.get(keys.billing_account_id), body.get(keys.dispatch_account_id)
+    return c.customer(body.get("Name"), body.get("Email__c"), billing, body.get("Billing_Terms__c"),
+                      body.get("Billing_Policy__c"), _address(body.get("BillingAddress")),
+                      {"dispatch": dispatch, "billing": billing})
 
 
 def _lines(value: Any) -> list[dict[str, Any]]:
@@ -246,7 +248,9 @@ def map_record(record: Any, raw: bytes, ctx: c.Context) -> c.Outcome:
     seq = base * 1000 + min(seq_no, 999)
     occurred = c.to_ms(c.require(hdr, "commitTimestamp", what="ChangeEventHeader.commitTimestamp"), "commitTimestamp")
     caused_by = c.command_id_from(hdr.get("changeOrigin"), body.get("Concord_Command_Id__c"))
-    fields = ACCOUNT_FIELDS if entity == "customer" else OPPORTUNITY_FIELDS
+    keys = join_keys.of(ctx).salesforce
+    fields = OPPORTUNITY_FIELDS if entity == "deal" else {
+        **ACCOUNT_FIELDS, keys.billing_account_id: "billing_account_id", keys.dispatch_account_id: "external_ids"}
     present = {k for k in body if k != "ChangeEventHeader"}
     lists = {k: decode_field_list(list(hdr.get(k) or []), schema, ctx, f"ChangeEventHeader.{k}")
              for k in ("changedFields", "nulledFields", "diffFields")}
@@ -269,7 +273,7 @@ def map_record(record: Any, raw: bytes, ctx: c.Context) -> c.Outcome:
         payload = None
         if op != "delete" and not (op == "update" and not changed):
             partial = op == "update"
-            payload = _customer_payload(body, present, partial) if entity == "customer" else \
+            payload = _customer_payload(body, present, keys, partial) if entity == "customer" else \
                 _deal_payload(body, present, partial)
             if op == "create" and payload is None:
                 raise c.BadInput(f"{change} of {entity_name} {rid} lacks its "
@@ -278,8 +282,8 @@ def map_record(record: Any, raw: bytes, ctx: c.Context) -> c.Outcome:
             customer_id, candidates = rid, []
             if ctx.identity is not None and payload is not None:
                 ctx.identity.link("crm", rid, rid)
-                ctx.identity.link("billing", body.get("Billing_Account_Id__c"), rid)
-                ctx.identity.link("dispatch", body.get("Dispatch_Account_Id__c"), rid)
+                ctx.identity.link("billing", body.get(keys.billing_account_id), rid)
+                ctx.identity.link("dispatch", body.get(keys.dispatch_account_id), rid)
                 ctx.identity.learn_profile(rid, body.get("Name"), body.get("Email__c"), body.get("Website"))
         else:
             account = body.get("AccountId")

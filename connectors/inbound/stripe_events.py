@@ -11,7 +11,8 @@ rank in the object's lifecycle, so two events of the same second never let an ol
 newer one (``invoice.paid`` ranks above ``invoice.finalized``); not contiguous.
 
 The customer is taken from the Stripe customer's ``metadata.concord_customer_id`` (learnt from
-``customer.*`` events), an object's own ``metadata.concord_customer_id``, or the identity map.
+``customer.*`` events), an object's own ``metadata.concord_customer_id``, or the identity map; the metadata
+keys are configuration (connectors/config/join_keys.yaml, ``stripe``).
 ``request.idempotency_key`` equal to a Concord command id marks the echo of that command.
 Signatures are verified with the official ``stripe`` library (tolerance 300 s).
 
@@ -33,6 +34,7 @@ from typing import Any
 import stripe
 
 from connectors.inbound import common as c
+from connectors.inbound import join_keys
 
 VENDOR = "stripe"
 CONTENT_TYPE = "application/json; format=stripe-event"
@@ -57,13 +59,13 @@ def verify(body: bytes, header: str | None, secret: str | None, tolerance: int =
         raise SignatureError(str(exc).split(".")[0]) from exc
 
 
-def _lines(inv: dict[str, Any]) -> list[dict[str, Any]]:
+def _lines(inv: dict[str, Any], sku_key: str) -> list[dict[str, Any]]:
     out = []
     for li in (inv.get("lines") or {}).get("data") or []:
         price = li.get("price") or {}
         details = ((li.get("pricing") or {}).get("price_details")) or {}
         meta = li.get("metadata") or {}
-        sku = meta.get("sku") or price.get("lookup_key") or price.get("id") or details.get("price") \
+        sku = meta.get(sku_key) or price.get("lookup_key") or price.get("id") or details.get("price") \
             or price.get("product") or details.get("product") or li.get("id")
         qty = li.get("quantity") or 1
         unit = price.get("unit_amount")
@@ -112,11 +114,12 @@ def _thin(record: dict[str, Any], raw: bytes) -> c.Outcome:
 
 
 def _customer_of(obj: dict[str, Any], ctx: c.Context) -> tuple[str | None, list[dict[str, Any]]]:
+    key = join_keys.of(ctx).stripe.customer_id
     cust = obj.get("customer")
     cust_id = cust.get("id") if isinstance(cust, dict) else cust
-    direct = (obj.get("metadata") or {}).get("concord_customer_id")
+    direct = (obj.get("metadata") or {}).get(key)
     if isinstance(cust, dict):
-        direct = direct or (cust.get("metadata") or {}).get("concord_customer_id")
+        direct = direct or (cust.get("metadata") or {}).get(key)
     hints = {"name": obj.get("customer_name"), "email": obj.get("customer_email") or obj.get("receipt_email")}
     return c.resolve_customer(ctx, "billing", cust_id, hints, direct=direct)
 
@@ -140,16 +143,17 @@ def map_record(record: Any, raw: bytes, ctx: c.Context) -> c.Outcome:
     caused_by = c.command_id_from((record.get("request") or {}).get("idempotency_key"),
                                   (obj.get("metadata") or {}).get("concord_command_id"), bare_ok=True)
     meta = obj.get("metadata") or {}
+    keys = join_keys.of(ctx).stripe
     op = "create" if etype.endswith(".created") else "update"
     changed = sorted(prev)
     if etype.startswith("invoice."):
         entity = "invoice"
         st = obj.get("status_transitions") or {}
-        payload = c.invoice(c.require(obj, "status", what="data.object.status"), meta.get("concord_deal_id"),
-                            meta.get("concord_job_id"),
+        payload = c.invoice(c.require(obj, "status", what="data.object.status"), meta.get(keys.deal_id),
+                            meta.get(keys.job_id),
                             c.to_int(c.require(obj, "amount_due", what="data.object.amount_due"), "amount_due"),
                             c.to_int(c.require(obj, "amount_paid", what="data.object.amount_paid"), "amount_paid"),
-                            c.require(obj, "currency", what="data.object.currency"), _lines(obj),
+                            c.require(obj, "currency", what="data.object.currency"), _lines(obj, keys.sku),
                             c.to_ms(st.get("finalized_at")), c.to_ms(obj.get("due_date")))
         customer_id, candidates = _customer_of(obj, ctx)
         if ctx.identity is not None:  # an InvoicePayment names only its invoice: find the customer through it
@@ -166,7 +170,7 @@ def map_record(record: Any, raw: bytes, ctx: c.Context) -> c.Outcome:
                             c.to_int(paid if paid is not None else c.require(obj, "amount_requested"), "amount_paid"),
                             c.require(obj, "currency", what="data.object.currency"), 1, None)
         customer_id, candidates = c.resolve_customer(ctx, "billing_invoice", payload["invoice_id"],
-                                                     direct=meta.get("concord_customer_id"))
+                                                     direct=meta.get(keys.customer_id))
         changed = ["amount_cents", "currency", "invoice_id", "status"]  # attempt stays as the PaymentIntent said
     elif etype.startswith("payment_intent."):
         entity = "payment"
@@ -175,17 +179,17 @@ def map_record(record: Any, raw: bytes, ctx: c.Context) -> c.Outcome:
         inv = obj.get("invoice")
         amount = (obj.get("amount_received") if status == "succeeded" else None) or \
             c.require(obj, "amount", what="data.object.amount")
-        payload = c.payment(status, meta.get("concord_invoice_id") or (inv.get("id") if isinstance(inv, dict) else inv),
+        payload = c.payment(status, meta.get(keys.invoice_id) or (inv.get("id") if isinstance(inv, dict) else inv),
                             c.to_int(amount, "amount"), c.require(obj, "currency", what="data.object.currency"),
-                            c.to_int(meta.get("attempt") or 1, "metadata.attempt"),
+                            c.to_int(meta.get(keys.attempt) or 1, f"metadata.{keys.attempt}"),
                             _failure(err) if status == "failed" else None)
         customer_id, candidates = _customer_of(obj, ctx)
-        if "invoice" not in obj and not meta.get("concord_invoice_id"):  # basil: the InvoicePayment links it
+        if "invoice" not in obj and not meta.get(keys.invoice_id):  # basil: the InvoicePayment links it
             changed = ["amount_cents", "attempt", "currency", "failure_reason", "status"]
         changed = changed or ["status"]
     else:
         entity = "customer"
-        direct = meta.get("concord_customer_id")
+        direct = meta.get(keys.customer_id)
         addr = obj.get("address") or {}
         address = ", ".join(str(addr[k]) for k in ("line1", "line2", "city", "state", "postal_code", "country")
                             if addr.get(k)) or None

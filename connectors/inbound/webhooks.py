@@ -40,7 +40,7 @@ from concord.contracts.topics import deadletter_topic
 from concord.exceptions import ConfigError
 from concord.runtime import metrics
 from connectors.inbound import common as c
-from connectors.inbound import hubspot, jobber, salesforce, stripe_events
+from connectors.inbound import hubspot, jobber, join_keys, salesforce, stripe_events
 from connectors.inbound.identity import DEFAULT_PATH, IdentityMap
 from connectors.inbound.ingest import (
     Batch,
@@ -108,8 +108,9 @@ def make_app(bootstrap: str, identity: IdentityMap | None = None, dedupe: Dedupe
              timeout_s: float = 30.0, env: dict[str, str] | None = None) -> web.Application:
     """The webhook application, publishing to the broker at ``bootstrap``."""
     publisher = Publisher(bootstrap, timeout_s=timeout_s)
-    # the stage map is checked before the first request, so a bad file stops the receiver with file:line
-    ctx = c.Context(identity=identity or IdentityMap(), settings={"hubspot": hubspot.load_config()})
+    # mappings are checked before the first request, so a bad file stops the receiver with file:line
+    ctx = c.Context(identity=identity or IdentityMap(),
+                    settings={"hubspot": hubspot.load_config(), "join_keys": join_keys.load()})
     dedupe = dedupe or Deduper()
     secrets = env if env is not None else dict(os.environ)
 
@@ -189,6 +190,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         hubspot.load_config()
+        join_keys.load()
     except ConfigError as exc:
         print(f"concord webhooks: error: {exc}", file=sys.stderr)
         return 2
