@@ -39,9 +39,10 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, field_validator
 
 from concord.domain.yamlconf import load_model
+from concord.exceptions import ConfigError
 from connectors.inbound import common as c
 
 VENDOR = "hubspot"
@@ -85,15 +86,59 @@ def verify_v3(secret: str, method: str, uri: str, body: bytes, signature: str | 
 
 
 class StageMap(BaseModel):
-    """connectors/config/hubspot.yaml: deal stage id → won / lost / open."""
+    """connectors/config/hubspot.yaml: deal stage id → won / lost / open, listed or from a saved pipelines response."""
 
     model_config = ConfigDict(extra="forbid")
-    stages: dict[str, Literal["won", "lost", "open"]]
+    stages: dict[str, Literal["won", "lost", "open"]] = {}
+    pipelines_cache: str | None = None  # a saved GET /crm/v3/pipelines/deals response, relative to this file
+
+    @field_validator("stages", mode="before")
+    @classmethod
+    def _ids_as_text(cls, v: Any) -> Any:
+        return {str(k): val for k, val in v.items()} if isinstance(v, dict) else v  # YAML reads 93310247 as a number
+
+
+def stages_from_pipelines(doc: Any, where: str = "pipelines response") -> dict[str, str]:
+    """Each stage id of a CRM pipelines API response as won, lost or open (a closed stage's probability says which)."""
+    if not isinstance(doc, dict) or not isinstance(doc.get("results"), list):
+        raise ConfigError(f"{where}: not a pipelines API response (no results list)")
+    out: dict[str, str] = {}
+    for pipe in doc["results"]:
+        for st in (pipe or {}).get("stages") or []:
+            meta = st.get("metadata") or {}
+            sid = str(st.get("id") or "")
+            if not sid:
+                raise ConfigError(f"{where}: pipeline {pipe.get('id')!r} has a stage without an id")
+            if str(meta.get("isClosed", "false")).lower() != "true":
+                out[sid] = "open"
+                continue
+            try:
+                probability = float(meta.get("probability"))
+            except (TypeError, ValueError):
+                raise ConfigError(f"{where}: closed stage {sid!r} has no probability to tell won from lost") from None
+            if probability not in (0.0, 1.0):
+                raise ConfigError(f"{where}: closed stage {sid!r} has probability {probability}: list it under "
+                                  "stages as won or lost")
+            out[sid] = "won" if probability == 1.0 else "lost"
+    return out
 
 
 def load_config(path: str | Path | None = None) -> StageMap:
     """The stage map: ``path``, else $CONCORD_HUBSPOT_CONFIG, else connectors/config/hubspot.yaml."""
-    return load_model(Path(path or os.environ.get("CONCORD_HUBSPOT_CONFIG") or DEFAULT_CONFIG), StageMap)
+    chosen = Path(path or os.environ.get("CONCORD_HUBSPOT_CONFIG") or DEFAULT_CONFIG)
+    cfg = load_model(chosen, StageMap)
+    if cfg.pipelines_cache:
+        cache = (chosen.parent / cfg.pipelines_cache).resolve()
+        try:
+            doc = json.loads(cache.read_text())
+        except OSError as exc:
+            raise ConfigError(f"{chosen}: pipelines_cache {cache}: {exc.strerror}") from None
+        except ValueError as exc:
+            raise ConfigError(f"{cache}: not JSON: {exc}") from None
+        cfg = StageMap(stages={**stages_from_pipelines(doc, str(cache)), **cfg.stages})  # listed stages win
+    if not cfg.stages:
+        raise ConfigError(f"{chosen}:1: stages: list the deal stages or name a pipelines_cache")
+    return cfg
 
 
 @lru_cache(maxsize=1)

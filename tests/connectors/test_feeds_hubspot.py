@@ -96,3 +96,23 @@ def test_a_bad_stage_map_names_its_file_and_line(tmp_path):
     path.write_text("stages:\n  closedwon: won\n  closedlost: maybe\n")
     with pytest.raises(ConfigError, match=rf"{path}:3: stages.closedlost"):
         hubspot.load_config(path)
+
+
+def test_stages_from_a_cached_pipelines_response_and_listed_stages_win(tmp_path):
+    (tmp_path / "pipelines.json").write_text((FIX / "hubspot_pipelines_deals.json").read_text())
+    path = tmp_path / "hubspot.yaml"
+    path.write_text("pipelines_cache: pipelines.json\nstages:\n  93310245: won\n")
+    cfg = hubspot.load_config(path)
+    assert cfg.stages["93310247"] == "won" and cfg.stages["93310248"] == "lost"
+    assert cfg.stages["appointmentscheduled"] == "open" and cfg.stages["93310245"] == "won", "the listed one wins"
+    ev = {"eventId": 1, "subscriptionId": 2, "occurredAt": NOW, "subscriptionType": "deal.propertyChange",
+          "objectId": 9, "propertyName": "dealstage", "propertyValue": "93310248"}
+    [m] = hubspot.map_record(ev, b"", ctx(hubspot=cfg)).events
+    assert m.event["payload"]["stage"] == "closed_lost"
+
+
+def test_a_closed_stage_with_an_in_between_probability_is_not_guessed():
+    doc = json.loads((FIX / "hubspot_pipelines_deals.json").read_text())
+    doc["results"][1]["stages"][1]["metadata"]["probability"] = "0.9"
+    with pytest.raises(ConfigError, match="closed stage '93310247' has probability 0.9"):
+        hubspot.stages_from_pipelines(doc)
