@@ -20,6 +20,7 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
     "connectors.inbound.ingest",
     "connectors.inbound.webhooks",
     "connectors.outbound.cli",
+    "connectors.fetch.cli",
 )
 
 

@@ -1,0 +1,141 @@
+"""Vendor API readers: one record by type and id, failures sorted into transient and permanent.
+
+Stripe through the official ``stripe`` library (``STRIPE_API_KEY``; ``STRIPE_API_BASE`` points it at another
+host), Jobber's GraphQL API over HTTP (``JOBBER_ACCESS_TOKEN``; ``JOBBER_API_URL``). A 429 (with its
+``Retry-After``), a 5xx, a timeout or a refused connection is transient; a 401/403, a 404 or a record the
+API says does not exist is permanent.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import urllib.error
+import urllib.request
+from typing import Any
+
+import stripe
+
+JOBBER_API_URL = "https://api.getjobber.com/api/graphql"
+JOBBER_VERSION = "2025-01-20"  # the X-JOBBER-GRAPHQL-VERSION the query below was written against
+TIMEOUT_S = 10.0
+
+
+class ReadError(Exception):
+    """A record could not be read."""
+
+
+class TransientReadError(ReadError):
+    """The API could not answer now (429, 5xx, timeout): try again, after ``retry_after`` seconds if given."""
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class PermanentReadError(ReadError):
+    """The API refused for good (401, 403, 404, deleted record): retrying will not help."""
+
+
+def _retry_after(value: Any) -> float | None:
+    try:
+        return float(value) if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
+
+
+class StripeReader:
+    """Reads invoices, PaymentIntents and customers with the ``stripe`` library."""
+
+    vendor = "stripe"
+    _RESOURCES = {"invoice": "invoices", "payment": "payment_intents", "customer": "customers"}
+
+    def __init__(self, api_key: str | None = None, api_base: str | None = None, timeout_s: float = TIMEOUT_S) -> None:
+        key = api_key or os.environ.get("STRIPE_API_KEY")
+        if not key:
+            raise PermanentReadError("STRIPE_API_KEY is not set")
+        base = api_base or os.environ.get("STRIPE_API_BASE")
+        self.client = stripe.StripeClient(key, base_addresses={"api": base.rstrip("/")} if base else None,
+                                          http_client=stripe.RequestsClient(timeout=timeout_s),
+                                          max_network_retries=0)  # the fetcher owns retries and their backoff
+
+    def read(self, entity_type: str, entity_id: str, _hint: str = "") -> dict[str, Any]:
+        """The object as the API returns it (a plain dict)."""
+        if entity_type not in self._RESOURCES:
+            raise PermanentReadError(f"Stripe has no {entity_type} to read")
+        service = getattr(self.client, self._RESOURCES[entity_type])
+        try:
+            obj = service.retrieve(entity_id)
+        except stripe.RateLimitError as exc:
+            raise TransientReadError(f"Stripe 429: {exc.user_message or exc}",
+                                     _retry_after((exc.headers or {}).get("Retry-After"))) from None
+        except stripe.APIConnectionError as exc:
+            raise TransientReadError(f"Stripe unreachable: {exc.user_message or exc}") from None
+        except stripe.StripeError as exc:
+            status = exc.http_status
+            if status is None or status >= 500:
+                raise TransientReadError(f"Stripe {status}: {exc.user_message or exc}",
+                                         _retry_after((exc.headers or {}).get("Retry-After"))) from None
+            raise PermanentReadError(f"Stripe {status}: {exc.user_message or exc}") from None
+        return obj.to_dict()
+
+
+_JOB_FIELDS = ("id jobStatus startAt completedAt client { id name emails { address } } "
+               "lineItems { nodes { name description quantity unitPrice } }")
+JOB_QUERY = f"query Job($id: EncodedId!) {{ job(id: $id) {{ {_JOB_FIELDS} }} }}"
+VISIT_QUERY = f"query VisitJob($id: EncodedId!) {{ visit(id: $id) {{ job {{ {_JOB_FIELDS} }} }} }}"
+
+
+class JobberReader:
+    """Reads a job (or a visit's job) through Jobber's GraphQL API."""
+
+    vendor = "jobber"
+
+    def __init__(self, token: str | None = None, url: str | None = None, timeout_s: float = TIMEOUT_S) -> None:
+        self.token = token or os.environ.get("JOBBER_ACCESS_TOKEN")
+        if not self.token:
+            raise PermanentReadError("JOBBER_ACCESS_TOKEN is not set")
+        self.url = url or os.environ.get("JOBBER_API_URL") or JOBBER_API_URL
+        self.timeout_s = timeout_s
+
+    def read(self, entity_type: str, entity_id: str, change_type: str = "") -> dict[str, Any]:
+        """The job record (GraphQL ``job``; for a VISIT_COMPLETE notice, the visit's ``job``)."""
+        if entity_type != "job":
+            raise PermanentReadError(f"Jobber has no {entity_type} to read")
+        visit = change_type.upper() == "VISIT_COMPLETE"
+        body = json.dumps({"query": VISIT_QUERY if visit else JOB_QUERY, "variables": {"id": entity_id}}).encode()
+        req = urllib.request.Request(self.url, data=body, method="POST", headers={
+            "Authorization": f"Bearer {self.token}", "Content-Type": "application/json",
+            "X-JOBBER-GRAPHQL-VERSION": JOBBER_VERSION})
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
+                doc = json.loads(resp.read() or b"{}")
+        except urllib.error.HTTPError as exc:
+            if exc.code == 429 or exc.code >= 500:
+                raise TransientReadError(f"Jobber {exc.code}", _retry_after(exc.headers.get("Retry-After"))) from None
+            raise PermanentReadError(f"Jobber {exc.code}: {exc.read()[:200].decode(errors='replace')}") from None
+        except (urllib.error.URLError, TimeoutError, OSError) as exc:
+            raise TransientReadError(f"Jobber unreachable: {getattr(exc, 'reason', exc)}") from None
+        except ValueError:
+            raise TransientReadError("Jobber answered with something that is not JSON") from None
+        for err in doc.get("errors") or []:
+            if (err.get("extensions") or {}).get("code") == "THROTTLED":
+                raise TransientReadError("Jobber THROTTLED", _throttle_wait(doc))
+        node = (doc.get("data") or {}).get("visit" if visit else "job")
+        job = (node or {}).get("job") if visit else node
+        if not job:
+            why = "; ".join(str(e.get("message")) for e in doc.get("errors") or []) or "no such record"
+            raise PermanentReadError(f"Jobber {'visit' if visit else 'job'} {entity_id}: {why}")
+        return job
+
+
+def _throttle_wait(doc: dict[str, Any]) -> float | None:
+    """Seconds until Jobber's query-cost bucket holds the cost again (extensions.cost.throttleStatus)."""
+    cost = (doc.get("extensions") or {}).get("cost") or {}
+    status = cost.get("throttleStatus") or {}
+    try:
+        missing = float(cost.get("requestedQueryCost", 0)) - float(status.get("currentlyAvailable", 0))
+        rate = float(status.get("restoreRate") or 0)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, missing / rate) if rate > 0 else None
