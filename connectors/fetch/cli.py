@@ -8,15 +8,16 @@ import sys
 
 from concord.exceptions import ConcordError
 from connectors.fetch import fetcher as f
-from connectors.fetch.readers import JobberReader, PermanentReadError, StripeReader
+from connectors.fetch.readers import HubSpotReader, JobberReader, PermanentReadError, StripeReader
 from connectors.inbound import common as c
+from connectors.inbound.hubspot import load_config as load_hubspot_config
 from connectors.inbound.identity import DEFAULT_PATH, IdentityMap
 from connectors.inbound.ingest import PublishError
 from connectors.inbound.join_keys import load as load_join_keys
 from connectors.outbound.consumer import RetryPolicy
 
 EXIT_OK, EXIT_STALLED, EXIT_CONFIG = 0, 1, 2
-READERS = {"stripe": StripeReader, "jobber": JobberReader}
+READERS = {"stripe": StripeReader, "hubspot": HubSpotReader, "jobber": JobberReader}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -32,7 +33,8 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     try:
         readers = {s: READERS[s]() for s in sources}
-        ctx = c.Context(identity=IdentityMap(args.identity), settings={"join_keys": load_join_keys()})
+        ctx = c.Context(identity=IdentityMap(args.identity),
+                        settings={"join_keys": load_join_keys(), "hubspot": load_hubspot_config()})
     except (PermanentReadError, ConcordError) as exc:
         print(f"concord fetch: error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -59,13 +61,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     """Add ``concord fetch``."""
     p = sub.add_parser("fetch", help="read the records gap notices name from the vendors' APIs, publish snapshots",
                        description="Consume the gap notices on deadletter.ingest.<source> (notifications that lacked "
-                       "their record: Stripe thin events, Jobber id-only webhooks), read each record through the "
-                       "vendor's API (STRIPE_API_KEY / STRIPE_API_BASE; JOBBER_ACCESS_TOKEN / JOBBER_API_URL) and "
+                       "their record: Stripe thin events, HubSpot creations, Jobber id-only webhooks), read each "
+                       "record through the "
+                       "vendor's API (STRIPE_API_KEY / STRIPE_API_BASE; HUBSPOT_ACCESS_TOKEN / HUBSPOT_API_BASE; "
+                       "JOBBER_ACCESS_TOKEN / JOBBER_API_URL) and "
                        "publish it as a snapshot event in the notice's place in order. 429s and 5xx are retried "
                        "with backoff; a permanent failure becomes a dead letter (stage fetch) and a fetch_failed "
                        "exception. Offsets are committed only after publishing. Exit status: 0 stopped; 1 a vendor "
                        "stayed unreachable (not committed); 2 bad setup.")
-    p.add_argument("--sources", default=",".join(f.SOURCES), help="comma-separated: stripe, jobber (default both)")
+    p.add_argument("--sources", default=",".join(f.SOURCES),
+                   help="comma-separated: stripe, hubspot, jobber (default all three)")
     p.add_argument("--group", default="concord-fetcher", help="consumer group (default concord-fetcher)")
     p.add_argument("--concurrency", type=int, default=8, help="requests in flight (default 8)")
     p.add_argument("--attempts", type=int, default=8, help="tries per record before stopping uncommitted (default 8)")

@@ -83,6 +83,49 @@ def stripe_app(script: Script, key: str = "sk_test_fetch") -> web.Application:
     return app
 
 
+def hubspot_error(status: int, message: str, category: str, **extra: str) -> tuple[int, dict, dict]:
+    """A HubSpot error answer: ``{"status": "error", "message", "category", "correlationId"}``."""
+    return status, {}, {"status": "error", "message": message, "category": category,
+                        "correlationId": "0f3e1c2a-fake", **extra}
+
+
+def hubspot_app(script: Script, token: str = "hubspot-token") -> web.Application:
+    """GET /crm/v3/objects/{deals,companies}/{id}?properties=…&associations=companies."""
+    async def get(request: web.Request) -> web.Response:
+        oid = request.match_info["id"]
+        script.calls.append(oid)
+        if script.latency_s:
+            await asyncio.sleep(script.latency_s)
+        if request.headers.get("Authorization") != f"Bearer {token}":
+            status, headers, body = hubspot_error(401, "Authentication credentials not found.",
+                                                  "INVALID_AUTHENTICATION")
+            return web.json_response(body, status=status, headers=headers)
+        if script.over_limit():
+            status, headers, body = hubspot_error(429, "You have reached your secondly limit.", "RATE_LIMITS",
+                                                  errorType="RATE_LIMIT", policyName="SECONDLY")
+            return web.json_response(body, status=status, headers=headers)
+        queued = script.failures.get(oid) or []
+        if queued:
+            status, headers, body = queued.pop(0)
+            return web.json_response(body, status=status, headers=headers)
+        rec = script.records.get(oid)
+        if rec is None:
+            status, headers, body = hubspot_error(404, "Object not found.  objectId are usually numeric.",
+                                                  "OBJECT_NOT_FOUND")
+            return web.json_response(body, status=status, headers=headers)
+        wanted = [p for v in request.query.getall("properties", []) for p in v.split(",") if p]
+        doc = {"id": oid, "properties": {k: v for k, v in rec.get("properties", {}).items() if k in wanted},
+               "createdAt": "2024-05-01T10:00:00.000Z", "updatedAt": "2024-05-01T10:05:00.000Z", "archived": False}
+        if "companies" in ",".join(request.query.getall("associations", [])) and rec.get("companies"):
+            doc["associations"] = {"companies": {"results": [{"id": cid, "type": "deal_to_company"}
+                                                             for cid in rec["companies"]]}}
+        return web.json_response(doc)
+
+    app = web.Application()
+    app.router.add_get("/crm/v3/objects/{kind:deals|companies}/{id}", get)
+    return app
+
+
 def jobber_app(script: Script, token: str = "jobber-token") -> web.Application:
     """POST /api/graphql answering ``job(id)`` / ``visit(id) { job }``; THROTTLED as a GraphQL error."""
     async def graphql(request: web.Request) -> web.Response:

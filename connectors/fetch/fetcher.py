@@ -33,11 +33,11 @@ from concord.domain.routing import Routing, load_routing
 from concord.exceptions import ConcordError
 from connectors.fetch.readers import PermanentReadError, TransientReadError
 from connectors.inbound import common as c
-from connectors.inbound import jobber, stripe_events
+from connectors.inbound import hubspot, jobber, stripe_events
 from connectors.inbound.ingest import Batch, DeadLetter, Publisher
 from connectors.outbound.consumer import RetryPolicy
 
-SOURCES = ("stripe", "jobber")  # the notices this fetcher can answer; the others stay for a person
+SOURCES = ("stripe", "hubspot", "jobber")  # the notices this fetcher answers; Salesforce's stay for a person
 REASON = "fetch_failed"
 
 
@@ -144,12 +144,14 @@ class Fetcher:
         batch = Batch(notice.source)
         attempts = 0
         try:
-            mapper = {"stripe": stripe_events, "jobber": jobber}.get(notice.source)
+            mapper = {"stripe": stripe_events, "hubspot": hubspot, "jobber": jobber}.get(notice.source)
             reader = self.readers.get(notice.source)
             if mapper is None or reader is None:
                 raise PermanentReadError(f"no fetcher for {notice.source} notices")
             doc = json.loads(notice.raw)
             wanted = mapper.map_record(doc, notice.raw, self.ctx).rereads
+            if notice.source == "hubspot":  # one body, several notices: this one is its key's
+                wanted = [rr for rr in wanted if notice.key and rr.entity_ids[:1] == [notice.key.decode()]]
             if not wanted:
                 raise c.BadInput("the notice names no record to fetch")
             for rr in wanted:
@@ -161,6 +163,9 @@ class Fetcher:
                     if notice.source == "stripe":
                         native = _stripe_event(doc, record)
                         out = stripe_events.map_record(native, _dumps(record), self.ctx)
+                    elif notice.source == "hubspot":
+                        out = c.Outcome(events=[hubspot.snapshot(rr.entity_type, record, rr.seq or 0,
+                                                                 rr.dedupe_key, _dumps(record), self.ctx)])
                     else:
                         out = jobber.map_record(_jobber_body(doc, record), _dumps(record), self.ctx)
                     if out.rereads or not out.events:
@@ -173,7 +178,7 @@ class Fetcher:
     def _failed(self, notice: Notice, exc: Exception, attempts: int) -> Fetched:
         now = self.clock()
         what = notice.key.decode(errors="replace") if notice.key else "the notice"
-        entity = "job" if notice.source == "jobber" else _stripe_entity(notice.raw)
+        entity = {"jobber": "job", "hubspot": _hubspot_entity(notice)}.get(notice.source) or _stripe_entity(notice.raw)
         error = f"could not fetch {entity} {what} from {notice.source}: {exc}"
         batch = Batch(notice.source)
         batch.deadletters.append(DeadLetter(notice.key, {
@@ -191,6 +196,22 @@ class Fetcher:
         rec["original"] = {"topic": notice.topic, "partition": notice.partition, "offset": notice.offset,
                            "key": notice.key, "value": notice.raw}
         return Fetched(notice, batch, [rec], attempts)
+
+
+def _hubspot_entity(notice: Notice) -> str:
+    if notice.source != "hubspot":
+        return ""
+    try:
+        body = json.loads(notice.raw)
+    except ValueError:
+        return "deal"
+    for e in body if isinstance(body, list) else [body]:
+        if isinstance(e, dict) and notice.key and str(e.get("objectId")) == notice.key.decode():
+            obj = str(e.get("subscriptionType", "")).partition(".")[0]
+            if obj == "object":
+                obj = hubspot.OBJECT_TYPE_IDS.get(str(e.get("objectTypeId")), "")
+            return hubspot.OBJECTS.get(obj, "deal")
+    return "deal"
 
 
 def _stripe_entity(raw: bytes) -> str:

@@ -1,7 +1,8 @@
 """Vendor API readers: one record by type and id, failures sorted into transient and permanent.
 
 Stripe through the official ``stripe`` library (``STRIPE_API_KEY``; ``STRIPE_API_BASE`` points it at another
-host), Jobber's GraphQL API over HTTP (``JOBBER_ACCESS_TOKEN``; ``JOBBER_API_URL``). A 429 (with its
+host), HubSpot through ``hubspot-api-client`` (``HUBSPOT_ACCESS_TOKEN``; ``HUBSPOT_API_BASE``), Jobber's GraphQL
+API over HTTP (``JOBBER_ACCESS_TOKEN``; ``JOBBER_API_URL``). A 429 (with its
 ``Retry-After``), a 5xx, a timeout or a refused connection is transient; a 401/403, a 404 or a record the
 API says does not exist is permanent.
 """
@@ -139,3 +140,67 @@ def _throttle_wait(doc: dict[str, Any]) -> float | None:
     except (TypeError, ValueError):
         return None
     return max(0.0, missing / rate) if rate > 0 else None
+
+
+DEAL_PROPERTIES = ["dealname", "dealstage", "amount", "closedate", "deal_currency_code", "billing_status"]
+COMPANY_PROPERTIES = ["name", "domain", "billing_account_id", "billing_terms", "address"]
+
+
+class HubSpotReader:
+    """Reads deals (with their associated companies) and companies through ``hubspot-api-client``."""
+
+    vendor = "hubspot"
+
+    def __init__(self, token: str | None = None, host: str | None = None, timeout_s: float = TIMEOUT_S) -> None:
+        import urllib3
+        from hubspot import HubSpot
+
+        token = token or os.environ.get("HUBSPOT_ACCESS_TOKEN")
+        if not token:
+            raise PermanentReadError("HUBSPOT_ACCESS_TOKEN is not set")
+        host = (host or os.environ.get("HUBSPOT_API_BASE") or "https://api.hubapi.com").rstrip("/")
+        self.client = HubSpot(access_token=token, host=host, retry=urllib3.Retry(total=0, redirect=0))
+        self.timeout_s = timeout_s
+
+    def read(self, entity_type: str, entity_id: str, _change_type: str = "") -> dict[str, Any]:
+        """``{"id", "properties", "associations": {"companies": [ids]}}`` of one deal or company."""
+        import urllib3
+
+        if entity_type == "deal":
+            api, props, assoc = self.client.crm.deals.basic_api, DEAL_PROPERTIES, ["companies"]
+        elif entity_type == "customer":
+            api, props, assoc = self.client.crm.companies.basic_api, COMPANY_PROPERTIES, None
+        else:
+            raise PermanentReadError(f"HubSpot has no {entity_type} to read")
+        try:
+            kwargs: dict[str, Any] = {"properties": props, "_request_timeout": self.timeout_s}
+            if assoc:
+                kwargs["associations"] = assoc
+            obj = api.get_by_id(entity_id, **kwargs).to_dict()
+        except urllib3.exceptions.HTTPError as exc:
+            raise TransientReadError(f"HubSpot unreachable: {exc}") from None
+        except Exception as exc:  # noqa: BLE001 - each object API raises its own ApiException class
+            status = getattr(exc, "status", None)
+            if status is None:
+                raise
+            raise _hubspot_error(exc, status) from None
+        companies = (((obj.get("associations") or {}).get("companies") or {}).get("results")) or []
+        return {"id": str(obj.get("id")), "properties": obj.get("properties") or {},
+                "associations": {"companies": [str(x.get("id")) for x in companies if x.get("id")]}}
+
+
+def _hubspot_error(exc: Exception, status: int) -> ReadError:
+    body = getattr(exc, "body", None)
+    try:
+        doc = json.loads(body) if body else {}
+    except (TypeError, ValueError):
+        doc = {}
+    said = f"HubSpot {status}: {doc.get('message') or getattr(exc, 'reason', '')}"
+    if status == 429:
+        # the per-second policies refill within a second; HubSpot sends no Retry-After for them
+        hint = _retry_after((getattr(exc, "headers", None) or {}).get("Retry-After"))
+        secondly = str(doc.get("policyName") or "").upper() in ("SECONDLY", "TEN_SECONDLY_ROLLING")
+        return TransientReadError(said, hint if hint is not None else (1.0 if secondly else None))
+    if status == 0 or status >= 500:
+        return TransientReadError(said)
+    return PermanentReadError(said)

@@ -265,7 +265,8 @@ def _one(e: dict[str, Any], position: int, raw: bytes, ctx: c.Context) -> c.Outc
     if action == "creation":
         out.rereads.append(c.Reread(VENDOR, entity, [obj_id], sub_type,
                                     f"HubSpot {obj} {obj_id} was created; the webhook carries no properties: "
-                                    f"re-read it from the CRM objects API", key, raw))
+                                    f"re-read it from the CRM objects API", key, raw,
+                                    seq=occurred * 1000 + min(position, 999)))
         return out
     if action == "merge":
         return _merge(e, entity, key, occurred, raw, ctx)
@@ -308,6 +309,47 @@ def _one(e: dict[str, Any], position: int, raw: bytes, ctx: c.Context) -> c.Outc
     c.check(ev)
     out.events.append(c.Mapped(ev, key, candidates))
     return out
+
+
+def snapshot(entity: str, record: dict[str, Any], seq: int, event_id: str, raw: bytes, ctx: c.Context) -> c.Mapped:
+    """A deal or company read from the CRM objects API (``properties``, associated ``companies``) as a snapshot."""
+    obj_id = str(c.require(record, "id", what="id"))
+    props = record.get("properties") or {}
+    if entity == "deal":
+        stage = props.get("dealstage")
+        if stage in (None, ""):
+            raise c.BadInput(f"deal {obj_id} has no dealstage", obj_id)
+        payload = c.deal(_stage(stage, ctx, obj_id), props.get("dealname") or "",
+                         c.to_cents(props.get("amount"), "amount") if props.get("amount") not in (None, "") else 0,
+                         props.get("deal_currency_code") or "USD",
+                         closed_at=c.to_ms(props.get("closedate"), "closedate"),
+                         billing_status=props.get("billing_status") or None)
+        companies = [str(x) for x in (record.get("associations") or {}).get("companies") or []]
+        customer_id = None
+        if companies:
+            customer_id = (ctx.identity.resolve("hubspot-company", companies[0]) if ctx.identity else None) \
+                or companies[0]
+            if ctx.identity is not None:
+                ctx.identity.link("hubspot-deal", obj_id, companies[0])
+        candidates: list[dict[str, Any]] = []
+        if customer_id is None:
+            customer_id, candidates = c.resolve_customer(ctx, "hubspot-deal", obj_id)
+    else:
+        if not props.get("name"):
+            raise c.BadInput(f"company {obj_id} has no name", obj_id)
+        customer_id = (ctx.identity.resolve("hubspot-company", obj_id) if ctx.identity else None) or obj_id
+        payload = c.customer(str(props["name"]), None, props.get("billing_account_id") or None,
+                             props.get("billing_terms") or None, None, props.get("address") or None,
+                             {"billing": props.get("billing_account_id")})
+        candidates = []
+        if ctx.identity is not None:
+            ctx.identity.link("billing", props.get("billing_account_id"), customer_id)
+            ctx.identity.learn_profile(customer_id, name=str(props["name"]), website=props.get("domain"))
+    ev = c.change_event(event_id=event_id, vendor=VENDOR, entity_type=entity, entity_id=obj_id, seq=seq,
+                        op="snapshot", occurred_at=seq // 1000, payload=payload, raw=raw, content_type=CONTENT_TYPE,
+                        ctx=ctx, customer_id=customer_id, changed_fields=[])
+    c.check(ev)
+    return c.Mapped(ev, event_id, candidates)
 
 
 def map_record(record: Any, raw: bytes, ctx: c.Context) -> c.Outcome:

@@ -14,8 +14,23 @@ from kafka_helpers import end_offsets, read_until, start_group_at_end
 
 from concord.contracts import topics
 from connectors.fetch import fetcher as f
-from connectors.fetch.fakes import Script, as_json, jobber_app, jobber_throttled, stripe_app, stripe_error
-from connectors.fetch.readers import JobberReader, PermanentReadError, StripeReader, TransientReadError
+from connectors.fetch.fakes import (
+    Script,
+    as_json,
+    hubspot_app,
+    hubspot_error,
+    jobber_app,
+    jobber_throttled,
+    stripe_app,
+    stripe_error,
+)
+from connectors.fetch.readers import (
+    HubSpotReader,
+    JobberReader,
+    PermanentReadError,
+    StripeReader,
+    TransientReadError,
+)
 from connectors.inbound import common as c
 from connectors.inbound import stripe_events
 from connectors.inbound.identity import IdentityMap
@@ -178,6 +193,34 @@ def test_jobber_throttling_waits_for_the_cost_bucket_and_a_missing_job_is_perman
         JobberReader("wrong", reader.url).read("job", item)
 
 
+# ---------------------------------------------------------------- HubSpot
+
+
+def test_a_hubspot_creation_becomes_the_deal_with_its_company_and_a_secondly_limit_waits_a_second():
+    body = json.loads((FIX / "hubspot_object_subscriptions.json").read_text())
+    raw = as_json(body)
+    script = Script(records={"18273901": {"properties": {"dealname": "Boiler retrofit", "dealstage": "closedwon",
+                                                         "amount": "3000.00", "closedate": "2024-05-02T00:00:00Z",
+                                                         "deal_currency_code": "USD"}, "companies": ["9912400"]}})
+    status, headers, err = hubspot_error(429, "You have reached your secondly limit.", "RATE_LIMITS",
+                                         errorType="RATE_LIMIT", policyName="SECONDLY")
+    script.failures["18273901"] = [(status, headers, err)]
+    waits = Waits()
+    with serve(hubspot_app(script, "hs-token")) as base:
+        reader = HubSpotReader("hs-token", base)
+        out = make({"hubspot": reader}, waits).handle(f.Notice("hubspot", raw, b"18273901"))
+        [m] = out.batch.events
+        assert (m.event["entity_type"], m.event["entity_id"], m.event["op"]) == ("deal", "18273901", "snapshot")
+        assert m.event["payload"]["stage"] == "closed_won" and m.event["payload"]["amount_cents"] == 300000
+        assert m.event["customer_id"] == "9912400" and m.event["seq"] == 1714490400000 * 1000
+        assert waits == [1.0], "HubSpot's secondly limit refills within a second"
+        assert script.calls == ["18273901", "18273901"], "the body's other events are not this notice's"
+        gone = make({"hubspot": reader}).handle(f.Notice("hubspot", raw.replace(b"18273901", b"18273999"),
+                                                         b"18273999"))
+        assert "HubSpot 404: Object not found" in gone.batch.deadletters[0].record["error"]
+        assert gone.exceptions[0]["owner"] == "revenue-ops", "deals belong to the CRM's owner"
+
+
 # ---------------------------------------------------------------- through the broker
 
 
@@ -244,4 +287,4 @@ def test_concord_fetch_refuses_to_start_without_a_broker_or_credentials(monkeypa
     monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9")
     monkeypatch.delenv("STRIPE_API_KEY", raising=False)
     assert cli.main(["fetch", "--sources", "stripe"]) == 2 and "STRIPE_API_KEY" in capsys.readouterr().err
-    assert cli.main(["fetch", "--sources", "hubspot"]) == 2 and "--sources takes" in capsys.readouterr().err
+    assert cli.main(["fetch", "--sources", "salesforce"]) == 2 and "--sources takes" in capsys.readouterr().err
