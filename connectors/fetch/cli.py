@@ -38,6 +38,14 @@ def run(args: argparse.Namespace) -> int:
     except (PermanentReadError, ConcordError) as exc:
         print(f"concord fetch: error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    from concord.contracts.topics import CHANGES, EXCEPTIONS, INGEST_DEADLETTERS
+    from concord.runtime.broker import ensure_topics
+
+    try:
+        ensure_topics(bootstrap, [*CHANGES, *INGEST_DEADLETTERS, *EXCEPTIONS])
+    except Exception as exc:  # noqa: BLE001 - any admin failure means the broker is not usable
+        print(f"concord fetch: error: broker at {bootstrap} did not answer: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     fetcher = f.Fetcher(readers, ctx, RetryPolicy(attempts=args.attempts))
     print(f"concord fetch: reading gap notices of {', '.join(sources)} from {bootstrap} (group {args.group})",
           file=sys.stderr, flush=True)
