@@ -17,7 +17,7 @@ from connectors.inbound.join_keys import load as load_join_keys
 from connectors.outbound.consumer import RetryPolicy
 
 EXIT_OK, EXIT_STALLED, EXIT_CONFIG = 0, 1, 2
-READERS = {"stripe": StripeReader, "hubspot": HubSpotReader, "jobber": JobberReader}
+READERS: dict[str, type[f.Reader]] = {"stripe": StripeReader, "hubspot": HubSpotReader, "jobber": JobberReader}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -32,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"concord fetch: error: --sources takes {', '.join(READERS)} (got {args.sources!r})", file=sys.stderr)
         return EXIT_CONFIG
     try:
-        readers = {s: READERS[s]() for s in sources}
+        readers: dict[str, f.Reader] = {s: READERS[s]() for s in sources}
         ctx = c.Context(identity=IdentityMap(args.identity),
                         settings={"join_keys": load_join_keys(), "hubspot": load_hubspot_config()})
     except (PermanentReadError, ConcordError) as exc:

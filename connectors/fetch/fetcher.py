@@ -186,7 +186,7 @@ class Fetcher:
             "original_offset": notice.offset, "original_key": notice.key, "original_value": notice.raw,
             "stage": "fetch", "error_type": type(exc).__name__, "error": error, "failed_at": now}, what))
         system = SOURCE_OF.get(entity, "billing")
-        draft = {"exception_id": stable_id(REASON, notice.source, notice.raw.decode(errors="replace")),
+        draft: dict[str, Any] = {"exception_id": stable_id(REASON, notice.source, notice.raw.decode(errors="replace")),
                  "reason_code": REASON, "trace_id": c.trace_id_for(f"fetch:{notice.source}:{what}"),
                  "source_system": system, "entity_type": entity, "entity_id": what, "customer_id": None,
                  "message": error + "; the record must be re-read by hand or the notice discarded",
@@ -261,9 +261,9 @@ def run(bootstrap: str, fetcher: Fetcher, sources: tuple[str, ...] = SOURCES, gr
                         summary.skipped += 1  # a normalize dead letter: for a person, not for the fetcher
                         continue
                     _, dl = codec.decode(m.value())
-                    source = m.topic().removeprefix("deadletter.ingest.")
-                    notices.append(Notice(source, dl["original_value"], m.key(), m.topic(), m.partition(),
-                                          m.offset()))
+                    topic = str(m.topic())
+                    notices.append(Notice(topic.removeprefix("deadletter.ingest."), dl["original_value"], m.key(),
+                                          topic, m.partition() or 0, m.offset() or 0))
                 results = list(pool.map(fetcher.handle, notices))  # in notice order, whatever finished first
                 if fetcher.stop.is_set():
                     break  # stopped mid-batch: publish and commit nothing, the notices come back

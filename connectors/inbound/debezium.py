@@ -124,6 +124,8 @@ def _customer(entity: str, f: dict[str, Any], ctx: c.Context) -> tuple[str | Non
 
 def _event(*, event_id: str, entity: str, entity_id: str, seq: int, op: str, occurred: int | None,
            fields: dict[str, Any] | None, raw: bytes, ctx: c.Context, changed: list[str]) -> c.Outcome:
+    cid: str | None
+    cands: list[dict[str, Any]]
     if fields is None:  # a delete: the key columns only
         cid, cands = None, []
     else:

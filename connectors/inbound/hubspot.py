@@ -113,7 +113,7 @@ def stages_from_pipelines(doc: Any, where: str = "pipelines response") -> dict[s
                 out[sid] = "open"
                 continue
             try:
-                probability = float(meta.get("probability"))
+                probability = float(str(meta.get("probability")))
             except (TypeError, ValueError):
                 raise ConfigError(f"{where}: closed stage {sid!r} has no probability to tell won from lost") from None
             if probability not in (0.0, 1.0):
@@ -135,7 +135,8 @@ def load_config(path: str | Path | None = None) -> StageMap:
             raise ConfigError(f"{chosen}: pipelines_cache {cache}: {exc.strerror}") from None
         except ValueError as exc:
             raise ConfigError(f"{cache}: not JSON: {exc}") from None
-        cfg = StageMap(stages={**stages_from_pipelines(doc, str(cache)), **cfg.stages})  # listed stages win
+        listed = cfg.stages  # the stages written in the file win over the saved answer
+        cfg = StageMap.model_validate({"stages": {**stages_from_pipelines(doc, str(cache)), **listed}})
     if not cfg.stages:
         raise ConfigError(f"{chosen}:1: stages: list the deal stages or name a pipelines_cache")
     return cfg
@@ -286,6 +287,7 @@ def _one(e: dict[str, Any], position: int, raw: bytes, ctx: c.Context) -> c.Outc
         op = "update"
     else:
         raise c.BadInput(f"subscriptionType {sub_type!r} is not mapped", obj_id)
+    customer_id: str | None
     if entity == "customer":
         customer_id = (ctx.identity.resolve("hubspot-company", obj_id) if ctx.identity else None) or obj_id
         candidates: list[dict[str, Any]] = []
@@ -340,7 +342,7 @@ def snapshot(entity: str, record: dict[str, Any], seq: int, event_id: str, raw: 
         customer_id = (ctx.identity.resolve("hubspot-company", obj_id) if ctx.identity else None) or obj_id
         payload = c.customer(str(props["name"]), None, props.get("billing_account_id") or None,
                              props.get("billing_terms") or None, None, props.get("address") or None,
-                             {"billing": props.get("billing_account_id")})
+                             {"billing": str(props.get("billing_account_id") or "")})
         candidates = []
         if ctx.identity is not None:
             ctx.identity.link("billing", props.get("billing_account_id"), customer_id)

@@ -170,7 +170,7 @@ def _customer_payload(body: dict[str, Any], present: set[str], keys: join_keys.S
     billing, dispatch = body.get(keys.billing_account_id), body.get(keys.dispatch_account_id)
     return c.customer(body.get("Name"), body.get("Email__c"), billing, body.get("Billing_Terms__c"),
                       body.get("Billing_Policy__c"), _address(body.get("BillingAddress")),
-                      {"dispatch": dispatch, "billing": billing})
+                      {"dispatch": str(dispatch or ""), "billing": str(billing or "")})
 
 
 def _lines(value: Any) -> list[dict[str, Any]]:
@@ -278,6 +278,8 @@ def map_record(record: Any, raw: bytes, ctx: c.Context) -> c.Outcome:
             if op == "create" and payload is None:
                 raise c.BadInput(f"{change} of {entity_name} {rid} lacks its "
                                  f"{'Name' if entity == 'customer' else 'StageName'}", rid)
+        customer_id: str | None
+        candidates: list[dict[str, Any]]
         if entity == "customer":
             customer_id, candidates = rid, []
             if ctx.identity is not None and payload is not None:
