@@ -8,7 +8,7 @@ import sys
 
 from concord.exceptions import ConcordError
 from connectors.fetch import fetcher as f
-from connectors.fetch.readers import HubSpotReader, JobberReader, PermanentReadError, StripeReader
+from connectors.fetch.readers import HubSpotReader, JobberReader, PermanentReadError, SalesforceReader, StripeReader
 from connectors.inbound import common as c
 from connectors.inbound.hubspot import load_config as load_hubspot_config
 from connectors.inbound.identity import DEFAULT_PATH, IdentityMap
@@ -17,7 +17,8 @@ from connectors.inbound.join_keys import load as load_join_keys
 from connectors.outbound.consumer import RetryPolicy
 
 EXIT_OK, EXIT_STALLED, EXIT_CONFIG = 0, 1, 2
-READERS: dict[str, type[f.Reader]] = {"stripe": StripeReader, "hubspot": HubSpotReader, "jobber": JobberReader}
+READERS: dict[str, type[f.Reader]] = {"stripe": StripeReader, "hubspot": HubSpotReader, "jobber": JobberReader,
+                                      "salesforce": SalesforceReader}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -69,16 +70,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     """Add ``concord fetch``."""
     p = sub.add_parser("fetch", help="read the records gap notices name from the vendors' APIs, publish snapshots",
                        description="Consume the gap notices on deadletter.ingest.<source> (notifications that lacked "
-                       "their record: Stripe thin events, HubSpot creations, Jobber id-only webhooks), read each "
-                       "record through the "
+                       "their record: Stripe thin events, HubSpot creations, Jobber id-only webhooks, Salesforce "
+                       "gap events), read each record through the "
                        "vendor's API (STRIPE_API_KEY / STRIPE_API_BASE; HUBSPOT_ACCESS_TOKEN / HUBSPOT_API_BASE; "
+                       "SALESFORCE_INSTANCE_URL / SALESFORCE_SESSION_ID; "
                        "JOBBER_ACCESS_TOKEN / JOBBER_API_URL) and "
                        "publish it as a snapshot event in the notice's place in order. 429s and 5xx are retried "
                        "with backoff; a permanent failure becomes a dead letter (stage fetch) and a fetch_failed "
                        "exception. Offsets are committed only after publishing. Exit status: 0 stopped; 1 a vendor "
                        "stayed unreachable (not committed); 2 bad setup.")
     p.add_argument("--sources", default=",".join(f.SOURCES),
-                   help="comma-separated: stripe, hubspot, jobber (default all three)")
+                   help="comma-separated: stripe, hubspot, jobber, salesforce (default all four)")
     p.add_argument("--group", default="concord-fetcher", help="consumer group (default concord-fetcher)")
     p.add_argument("--concurrency", type=int, default=8, help="requests in flight (default 8)")
     p.add_argument("--attempts", type=int, default=8, help="tries per record before stopping uncommitted (default 8)")

@@ -126,6 +126,36 @@ def hubspot_app(script: Script, token: str = "hubspot-token") -> web.Application
     return app
 
 
+def salesforce_error(status: int, code: str, message: str) -> tuple[int, dict, list]:
+    """A Salesforce REST error answer: ``[{"errorCode", "message"}]``."""
+    return status, {}, [{"errorCode": code, "message": message}]
+
+
+def salesforce_app(script: Script, session_id: str = "00Dfake!session", version: str = "59.0") -> web.Application:
+    """GET /services/data/v<version>/sobjects/{Account,Opportunity}/<id> with a Bearer session id."""
+    async def get(request: web.Request) -> web.Response:
+        name, oid = request.match_info["name"], request.match_info["id"]
+        script.calls.append(oid)
+        if script.latency_s:
+            await asyncio.sleep(script.latency_s)
+        if request.headers.get("Authorization") != f"Bearer {session_id}":
+            status, headers, body = salesforce_error(401, "INVALID_SESSION_ID", "Session expired or invalid")
+            return web.json_response(body, status=status, headers=headers)
+        queued = script.failures.get(oid) or []
+        if queued:
+            status, headers, body = queued.pop(0)
+            return web.json_response(body, status=status, headers=headers)
+        rec = script.records.get(oid)
+        if rec is None:
+            status, headers, body = salesforce_error(404, "NOT_FOUND", "The requested resource does not exist")
+            return web.json_response(body, status=status, headers=headers)
+        return web.json_response({"attributes": {"type": name, "url": str(request.rel_url)}, "Id": oid, **rec})
+
+    app = web.Application()
+    app.router.add_get(f"/services/data/v{version}/sobjects/{{name:Account|Opportunity}}/{{id}}", get)
+    return app
+
+
 def jobber_app(script: Script, token: str = "jobber-token") -> web.Application:
     """POST /api/graphql answering ``job(id)`` / ``visit(id) { job }``; THROTTLED as a GraphQL error."""
     async def graphql(request: web.Request) -> web.Response:
@@ -171,8 +201,8 @@ def as_json(doc: Any) -> bytes:
 
 
 @contextmanager
-def serve(app: web.Application) -> Iterator[str]:
-    """Serve ``app`` on a free loopback port in a thread; yields its base URL."""
+def serve(app: web.Application, tls: Any = None) -> Iterator[str]:
+    """Serve ``app`` on a free loopback port in a thread (over TLS with an ``ssl.SSLContext``); yields its URL."""
     loop = asyncio.new_event_loop()
     runner = web.AppRunner(app)
     with socket.socket() as s:
@@ -183,7 +213,7 @@ def serve(app: web.Application) -> Iterator[str]:
     def main() -> None:
         asyncio.set_event_loop(loop)
         loop.run_until_complete(runner.setup())
-        loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", port).start())
+        loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", port, ssl_context=tls).start())
         started.set()
         loop.run_forever()
 
@@ -192,7 +222,7 @@ def serve(app: web.Application) -> Iterator[str]:
     if not started.wait(10):
         raise RuntimeError("the fake did not start")
     try:
-        yield f"http://127.0.0.1:{port}"
+        yield f"{'https' if tls else 'http'}://127.0.0.1:{port}"
     finally:
         asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(15)
         loop.call_soon_threadsafe(loop.stop)

@@ -33,11 +33,11 @@ from concord.domain.routing import Routing, load_routing
 from concord.exceptions import ConcordError
 from connectors.fetch.readers import PermanentReadError, TransientReadError
 from connectors.inbound import common as c
-from connectors.inbound import hubspot, jobber, stripe_events
+from connectors.inbound import hubspot, jobber, salesforce, stripe_events
 from connectors.inbound.ingest import Batch, DeadLetter, Publisher
 from connectors.outbound.consumer import RetryPolicy
 
-SOURCES = ("stripe", "hubspot", "jobber")  # the notices this fetcher answers; Salesforce's stay for a person
+SOURCES = ("stripe", "hubspot", "jobber", "salesforce")  # the notices this fetcher answers
 REASON = "fetch_failed"
 
 
@@ -144,7 +144,8 @@ class Fetcher:
         batch = Batch(notice.source)
         attempts = 0
         try:
-            mapper = {"stripe": stripe_events, "hubspot": hubspot, "jobber": jobber}.get(notice.source)
+            mapper = {"stripe": stripe_events, "hubspot": hubspot, "jobber": jobber,
+                      "salesforce": salesforce}.get(notice.source)
             reader = self.readers.get(notice.source)
             if mapper is None or reader is None:
                 raise PermanentReadError(f"no fetcher for {notice.source} notices")
@@ -158,9 +159,17 @@ class Fetcher:
                 if not rr.entity_ids:
                     raise PermanentReadError(f"{rr.change_type} asks for a resync of {rr.entity_type}, not a record")
                 for entity_id in rr.entity_ids:
+                    if notice.source == "salesforce" and rr.change_type == "GAP_DELETE":  # nothing left to read
+                        out = salesforce.map_record(salesforce.with_record(doc, entity_id, None), notice.raw, self.ctx)
+                        batch.events += _snapshot(out)
+                        continue
                     record, tries = self._read(reader, rr.entity_type, entity_id, rr.change_type)
                     attempts += tries
-                    if notice.source == "stripe":
+                    if notice.source == "salesforce":
+                        fields = salesforce.cdc_fields(record)
+                        out = salesforce.map_record(salesforce.with_record(doc, entity_id, fields), _dumps(record),
+                                                    self.ctx)
+                    elif notice.source == "stripe":
                         native = _stripe_event(doc, record)
                         out = stripe_events.map_record(native, _dumps(record), self.ctx)
                     elif notice.source == "hubspot":
@@ -178,7 +187,8 @@ class Fetcher:
     def _failed(self, notice: Notice, exc: Exception, attempts: int) -> Fetched:
         now = self.clock()
         what = notice.key.decode(errors="replace") if notice.key else "the notice"
-        entity = {"jobber": "job", "hubspot": _hubspot_entity(notice)}.get(notice.source) or _stripe_entity(notice.raw)
+        entity = {"jobber": "job", "hubspot": _hubspot_entity(notice),
+                  "salesforce": _salesforce_entity(notice)}.get(notice.source) or _stripe_entity(notice.raw)
         error = f"could not fetch {entity} {what} from {notice.source}: {exc}"
         batch = Batch(notice.source)
         batch.deadletters.append(DeadLetter(notice.key, {
@@ -212,6 +222,12 @@ def _hubspot_entity(notice: Notice) -> str:
                 obj = hubspot.OBJECT_TYPE_IDS.get(str(e.get("objectTypeId")), "")
             return hubspot.OBJECTS.get(obj, "deal")
     return "deal"
+
+
+def _salesforce_entity(notice: Notice) -> str:
+    if notice.source != "salesforce":
+        return ""
+    return "deal" if b"OpportunityChangeEvent" in notice.raw or b'"Opportunity"' in notice.raw else "customer"
 
 
 def _stripe_entity(raw: bytes) -> str:

@@ -1,10 +1,11 @@
 """Vendor API readers: one record by type and id, failures sorted into transient and permanent.
 
 Stripe through the official ``stripe`` library (``STRIPE_API_KEY``; ``STRIPE_API_BASE`` points it at another
-host), HubSpot through ``hubspot-api-client`` (``HUBSPOT_ACCESS_TOKEN``; ``HUBSPOT_API_BASE``), Jobber's GraphQL
-API over HTTP (``JOBBER_ACCESS_TOKEN``; ``JOBBER_API_URL``). A 429 (with its
-``Retry-After``), a 5xx, a timeout or a refused connection is transient; a 401/403, a 404 or a record the
-API says does not exist is permanent.
+host), Salesforce through ``simple-salesforce`` (``SALESFORCE_INSTANCE_URL`` + ``SALESFORCE_SESSION_ID``),
+HubSpot through ``hubspot-api-client`` (``HUBSPOT_ACCESS_TOKEN``; ``HUBSPOT_API_BASE``), Jobber's GraphQL API
+over HTTP (``JOBBER_ACCESS_TOKEN``; ``JOBBER_API_URL``). A 429 (with its ``Retry-After``), Salesforce's
+``REQUEST_LIMIT_EXCEEDED``, a 5xx, a timeout or a refused connection is transient; a 401/403, a 404 or a
+record the API says does not exist is permanent.
 """
 
 from __future__ import annotations
@@ -204,3 +205,48 @@ def _hubspot_error(exc: Exception, status: int) -> ReadError:
     if status == 0 or status >= 500:
         return TransientReadError(said)
     return PermanentReadError(said)
+
+
+class SalesforceReader:
+    """Reads Accounts and Opportunities through ``simple-salesforce`` (a session, or username and password)."""
+
+    vendor = "salesforce"
+    _OBJECTS = {"customer": "Account", "deal": "Opportunity"}
+    _TRANSIENT = {"REQUEST_LIMIT_EXCEEDED", "SERVER_UNAVAILABLE", "API_CURRENTLY_DISABLED", "UNABLE_TO_LOCK_ROW"}
+
+    def __init__(self, instance_url: str | None = None, session_id: str | None = None, version: str | None = None,
+                 timeout_s: float = TIMEOUT_S, verify: bool | str = True) -> None:
+        from simple_salesforce import Salesforce
+
+        from connectors.outbound.salesforce_target import _TimeoutSession
+
+        env = os.environ
+        instance_url = instance_url or env.get("SALESFORCE_INSTANCE_URL")
+        session_id = session_id or env.get("SALESFORCE_SESSION_ID")
+        if not (instance_url and session_id):
+            raise PermanentReadError("set SALESFORCE_INSTANCE_URL and SALESFORCE_SESSION_ID")
+        opts: dict[str, Any] = {"session": _TimeoutSession(timeout_s, verify)}
+        if version or env.get("SALESFORCE_API_VERSION"):
+            opts["version"] = version or env["SALESFORCE_API_VERSION"]
+        self.sf = Salesforce(instance_url=instance_url, session_id=session_id, **opts)
+
+    def read(self, entity_type: str, entity_id: str, _change_type: str = "") -> dict[str, Any]:
+        """The record's fields as the REST API returns them."""
+        import requests
+        from simple_salesforce.exceptions import SalesforceError
+
+        name = self._OBJECTS.get(entity_type)
+        if name is None:
+            raise PermanentReadError(f"Salesforce has no {entity_type} to read")
+        try:
+            return dict(getattr(self.sf, name).get(entity_id))
+        except SalesforceError as exc:
+            content = exc.content if isinstance(exc.content, list) else [exc.content]
+            codes = {str((e or {}).get("errorCode")) for e in content if isinstance(e, dict)}
+            messages = "; ".join(str(e.get("message")) for e in content if isinstance(e, dict))
+            said = f"Salesforce {exc.status}: {messages}"
+            if exc.status >= 500 or codes & self._TRANSIENT:
+                raise TransientReadError(said) from None
+            raise PermanentReadError(said) from None
+        except requests.RequestException as exc:
+            raise TransientReadError(f"Salesforce unreachable: {exc}") from None

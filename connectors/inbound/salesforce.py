@@ -203,6 +203,34 @@ def _deal_payload(body: dict[str, Any], present: set[str], partial: bool = False
                   body.get("Billing_Status__c"))
 
 
+_ADDRESS_PARTS = {"street": "Street", "city": "City", "state": "State", "postalCode": "PostalCode",
+                  "country": "Country", "latitude": "Latitude", "longitude": "Longitude",
+                  "geocodeAccuracy": "GeocodeAccuracy"}
+
+
+def cdc_fields(record: dict[str, Any]) -> dict[str, Any]:
+    """A REST API record's fields as a change event carries them (compound addresses' parts capitalised)."""
+    out = {}
+    for k, v in record.items():
+        if k == "attributes":
+            continue
+        out[k] = {_ADDRESS_PARTS.get(p, p): x for p, x in v.items()} if isinstance(v, dict) else v
+    return out
+
+
+def with_record(message: dict[str, Any], record_id: str, fields: dict[str, Any] | None) -> dict[str, Any]:
+    """The gap ``message`` as the change it stood for: one record, its fields read from the API (None: deleted)."""
+    doc = json.loads(json.dumps(message))
+    holder = doc["data"] if isinstance(doc.get("data"), dict) and "payload" in doc["data"] else doc
+    payload = holder["payload"] if isinstance(holder.get("payload"), dict) else holder
+    hdr = payload["ChangeEventHeader"]
+    hdr["recordIds"] = [record_id]
+    hdr["changeType"] = "DELETE" if fields is None else "CREATE"
+    hdr["changedFields"] = hdr["nulledFields"] = hdr["diffFields"] = []
+    payload.update(fields or {})
+    return doc
+
+
 def map_record(record: Any, raw: bytes, ctx: c.Context) -> c.Outcome:
     """Map one CDC event (any accepted shape) to canonical events or re-read notices."""
     if not isinstance(record, dict):
@@ -234,7 +262,7 @@ def map_record(record: Any, raw: bytes, ctx: c.Context) -> c.Outcome:
         out.rereads.append(c.Reread(VENDOR, entity, [str(i) for i in ids], change,
                                     f"{reason}; re-read {entity_name} {', '.join(map(str, ids))} from Salesforce",
                                     f"sf:{txn}:{seq_no}:{change}:{','.join(map(str, ids))}", raw))
-        return out
+        return out  # concord fetch reads the records and maps them through with_record()
     if change not in OPS:
         raise c.BadInput(f"changeType {change!r} is not a Change Data Capture change type", ids[0])
     op = OPS[change]

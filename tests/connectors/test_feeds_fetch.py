@@ -1,4 +1,4 @@
-"""The fetcher against loopback fakes of Stripe and Jobber: snapshots in order, 429 / 5xx / timeouts, failures."""
+"""The fetcher against loopback fakes of Stripe, HubSpot, Jobber and Salesforce: snapshots in order, failures."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from http_helpers import serve
 from kafka_helpers import end_offsets, read_until, start_group_at_end
+from test_adapters_crm import tls  # noqa: F401 - the self-signed loopback certificate fixture
 
 from concord.contracts import topics
 from connectors.fetch import fetcher as f
@@ -21,6 +22,8 @@ from connectors.fetch.fakes import (
     hubspot_error,
     jobber_app,
     jobber_throttled,
+    salesforce_app,
+    salesforce_error,
     stripe_app,
     stripe_error,
 )
@@ -28,6 +31,7 @@ from connectors.fetch.readers import (
     HubSpotReader,
     JobberReader,
     PermanentReadError,
+    SalesforceReader,
     StripeReader,
     TransientReadError,
 )
@@ -221,6 +225,40 @@ def test_a_hubspot_creation_becomes_the_deal_with_its_company_and_a_secondly_lim
         assert gone.exceptions[0]["owner"] == "revenue-ops", "deals belong to the CRM's owner"
 
 
+# ---------------------------------------------------------------- Salesforce
+
+
+def test_a_salesforce_gap_event_becomes_the_records_snapshot_and_a_request_limit_is_transient(tls):  # noqa: F811
+    from connectors.fetch.fakes import serve as serve_tls
+
+    server_ctx, ca = tls
+    gap = json.loads((FIX / "salesforce_gap.json").read_text())
+    hdr = gap["ChangeEventHeader"] if "ChangeEventHeader" in gap else gap["data"]["payload"]["ChangeEventHeader"]
+    [rid] = hdr["recordIds"]
+    hdr["changeType"] = "GAP_UPDATE"
+    script = Script(records={rid: {"Name": "Boiler retrofit", "StageName": "Closed Won", "IsWon": True,
+                                   "IsClosed": True, "Amount": 3000.0, "CurrencyIsoCode": "USD",
+                                   "CloseDate": "2024-05-02", "AccountId": "001RM000003Z9aBYAS"}})
+    script.failures[rid] = [salesforce_error(403, "REQUEST_LIMIT_EXCEEDED", "TotalRequests Limit exceeded.")]
+    waits = Waits()
+    with serve_tls(salesforce_app(script, "00Dfake!s"), server_ctx) as base:
+        reader = SalesforceReader(base, "00Dfake!s", "59.0", verify=ca)
+        out = make({"salesforce": reader}, waits).handle(f.Notice("salesforce", as_json(gap), rid.encode()))
+        [m] = out.batch.events
+        assert (m.event["entity_type"], m.event["entity_id"], m.event["op"]) == ("deal", rid, "snapshot")
+        assert m.event["payload"]["stage"] == "closed_won" and m.event["customer_id"] == "001RM000003Z9aBYAS"
+        assert m.event["seq"] == hdr["commitNumber"] * 1000 + hdr["sequenceNumber"], "the gap's place in order"
+        assert waits == [0.2], "REQUEST_LIMIT_EXCEEDED is retried"
+        hdr["changeType"] = "GAP_DELETE"
+        [d] = make({"salesforce": reader}).handle(f.Notice("salesforce", as_json(gap), rid.encode())).batch.events
+        assert d.event["op"] == "delete" and script.calls == [rid, rid], "a deleted record is not read"
+        expired = SalesforceReader(base, "00Dold", "59.0", verify=ca)
+        hdr["changeType"] = "GAP_UPDATE"
+        failed = make({"salesforce": expired}).handle(f.Notice("salesforce", as_json(gap), rid.encode()))
+        assert "Session expired or invalid" in failed.batch.deadletters[0].record["error"]
+        assert failed.exceptions[0]["owner"] == "revenue-ops"
+
+
 # ---------------------------------------------------------------- through the broker
 
 
@@ -287,4 +325,4 @@ def test_concord_fetch_refuses_to_start_without_a_broker_or_credentials(monkeypa
     monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9")
     monkeypatch.delenv("STRIPE_API_KEY", raising=False)
     assert cli.main(["fetch", "--sources", "stripe"]) == 2 and "STRIPE_API_KEY" in capsys.readouterr().err
-    assert cli.main(["fetch", "--sources", "salesforce"]) == 2 and "--sources takes" in capsys.readouterr().err
+    assert cli.main(["fetch", "--sources", "pipedrive"]) == 2 and "--sources takes" in capsys.readouterr().err
