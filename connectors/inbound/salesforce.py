@@ -17,8 +17,9 @@ Accepted shapes: a CometD / Streaming API message (``{"data": {"payload": ..., "
   (the ingest command dead-letters it with stage ``gap``), never to a guessed change; ``GAP_OVERFLOW`` is a
   resync request for the entity type from that commit on (its record id is a placeholder).
 - Compound fields (``BillingAddress``): an update names the changed parts (``BillingAddress.City``) and
-  carries only those, so the whole value is unknown: the other changes map as usual and the record gets a
-  ``Reread`` for the compound field.
+  carries only those, so the whole value is unknown: the update becomes a ``Reread`` of the record, which
+  ``concord fetch`` publishes whole at the update's place in order (a partial event there first would make
+  the guard drop the whole record as stale).
 - ``changeOrigin`` ``...;client=concord:<command_id>`` marks the echo of a Concord command.
 - Opportunity products: the ``Line_Items__c`` long-text field (a JSON array of OpportunityLineItem fields,
   kept current by a flow) becomes the deal's lines; OpportunityLineItem change events are not mapped yet.
@@ -294,6 +295,8 @@ def map_record(record: Any, raw: bytes, ctx: c.Context) -> c.Outcome:
                                         f"({', '.join(sorted(f for f in native_changed if '.' in f))}); re-read "
                                         f"{entity_name} {', '.join(map(str, ids))} for its whole value",
                                         f"sf:{txn}:{seq_no}:compound:{','.join(map(str, ids))}", raw))
+            # one event at this seq: the record read whole, not a partial one the guard would keep first
+            return out
     else:
         changed = [fields[f] for f in sorted(present) if f in fields]
     changed = list(dict.fromkeys(changed))

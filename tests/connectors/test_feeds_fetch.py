@@ -326,3 +326,21 @@ def test_concord_fetch_refuses_to_start_without_a_broker_or_credentials(monkeypa
     monkeypatch.delenv("STRIPE_API_KEY", raising=False)
     assert cli.main(["fetch", "--sources", "stripe"]) == 2 and "STRIPE_API_KEY" in capsys.readouterr().err
     assert cli.main(["fetch", "--sources", "pipedrive"]) == 2 and "--sources takes" in capsys.readouterr().err
+
+
+def test_a_compound_field_changed_in_part_is_published_whole_at_the_updates_place(tls):  # noqa: F811
+    from connectors.fetch.fakes import serve as serve_tls
+
+    server_ctx, ca = tls
+    raw = (FIX / "salesforce_compound_update.json").read_bytes()
+    hdr = json.loads(raw)["data"]["payload"]["ChangeEventHeader"]
+    [rid] = hdr["recordIds"]
+    script = Script(records={rid: {"Name": "Acme Plumbing Ltd", "Billing_Terms__c": "net45",
+                                   "BillingAddress": {"street": "1 Main St", "city": "Shelbyville", "state": "IL",
+                                                      "postalCode": "62565", "country": "US"}}})
+    with serve_tls(salesforce_app(script, "00Dfake!s"), server_ctx) as base:
+        reader = SalesforceReader(base, "00Dfake!s", "59.0", verify=ca)
+        [m] = make({"salesforce": reader}).handle(f.Notice("salesforce", raw, rid.encode())).batch.events
+    assert m.event["payload"]["billing_address"] == "1 Main St, Shelbyville, IL, 62565, US"
+    assert m.event["payload"]["billing_terms"] == "net45" and m.event["op"] == "snapshot"
+    assert m.event["seq"] == hdr["commitNumber"] * 1000 + hdr["sequenceNumber"]
