@@ -9,7 +9,6 @@ only once the broker acknowledged, so a failed publish is retried rather than dr
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import sys
@@ -18,7 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from concord.contracts import deadletter as dlb
 from concord.contracts.codec import Codec
+from concord.contracts.deadletter import DEFAULT_MAX_RECORD_BYTES
 from concord.contracts.topics import CHANGES, INGEST_DEADLETTERS, INGEST_SOURCES, deadletter_topic
 from concord.exceptions import ConfigError
 from concord.runtime import metrics
@@ -32,11 +33,8 @@ MAPPERS = {"salesforce": salesforce, "hubspot": hubspot, "stripe": stripe_events
            "jobber": jobber, "canonical": canonical}
 assert set(MAPPERS) | {"csv"} == set(INGEST_SOURCES)
 
-# Kafka's default largest message is about 1 MB (broker message.max.bytes 1048588, librdkafka 1000000); a canonical
-# event carries its native record's bytes, so a native record over this limit is dead-lettered instead of published.
-DEFAULT_MAX_RECORD_BYTES = 900_000
-# What a dead letter of an oversized record keeps of it: the limit less room for the rest of the record and headers.
-_DEADLETTER_OVERHEAD = 16_384
+# A canonical event carries its native record's bytes, so a native record over DEFAULT_MAX_RECORD_BYTES (the
+# dead-letter builder's limit) is dead-lettered instead of published.
 
 # `concord ingest` exit statuses.
 EXIT_OK, EXIT_BROKER, EXIT_UNREADABLE, EXIT_REJECTED = 0, 1, 2, 3
@@ -160,21 +158,17 @@ def split_json(data: bytes, keep_arrays: bool = False) -> list[tuple[bytes, Any]
 
 def oversized(source: str, raw: bytes, limit: int, key: str | None, ctx: c.Context, where: str = "") -> DeadLetter:
     """The dead letter of a record over the size limit: as much of its bytes as fits, with their sha256 and size."""
-    keep = max(0, limit - _DEADLETTER_OVERHEAD)
-    digest = hashlib.sha256(raw).hexdigest()
-    dl = _deadletter(source, raw[:keep], "normalize", "TooLarge",
-                     f"record is {len(raw)} bytes, over the {limit}-byte limit (CONCORD_MAX_RECORD_BYTES); "
-                     f"original_value holds its first {min(keep, len(raw))} bytes; sha256 {digest}", key, ctx, where)
-    dl.headers = [("concord-original-size", str(len(raw)).encode()), ("concord-original-sha256", digest.encode())]
-    return dl
+    return _deadletter(source, raw, "normalize", "TooLarge",
+                       f"record is {len(raw)} bytes, over the {limit}-byte limit (CONCORD_MAX_RECORD_BYTES)", key, ctx,
+                       where, limit)
 
 
 def _deadletter(source: str, raw: bytes, stage: str, error_type: str, error: str, key: str | None,
-                ctx: c.Context, where: str = "") -> DeadLetter:
-    return DeadLetter(key.encode() if key else None, {
-        "original_topic": f"ingest.{source}", "original_partition": -1, "original_offset": -1,
-        "original_key": key.encode() if key else None, "original_value": raw, "stage": stage,
-        "error_type": error_type, "error": error, "failed_at": ctx.clock()}, where)
+                ctx: c.Context, where: str = "", limit: int | None = None) -> DeadLetter:
+    origin = dlb.Origin(f"ingest.{source}", -1, -1, key.encode() if key else None, raw)
+    limit = max_record_bytes() if limit is None else limit
+    built = dlb.dead_letter(origin, stage, error_type, error, ctx.clock(), limit)
+    return DeadLetter(built.key, built.record(), where, built.headers())
 
 
 def normalize(source: str, data: bytes, ctx: c.Context, dedupe: Deduper | None = None, name: str = "",
@@ -285,10 +279,7 @@ class Publisher:
                             self.codec.encode("change_event", m.event, m.topic), headers))
         for d in batch.deadletters:
             topic = deadletter_topic(d.record["original_topic"])
-            records.append((topic, d.key or b"", self.codec.encode("dead_letter", d.record, topic),
-                            [("concord-stage", d.record["stage"].encode()),
-                             ("concord-error-type", d.record["error_type"].encode()),
-                             ("concord-error", d.record["error"][:1000].encode()), *d.headers]))
+            records.append((topic, d.key or b"", self.codec.encode("dead_letter", d.record, topic), d.headers))
         landed: list[tuple[str, int, int] | None] = [None] * len(records)
 
         def done(i: int) -> Any:
