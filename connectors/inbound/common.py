@@ -70,6 +70,7 @@ class Reread:
     reason: str
     dedupe_key: str
     raw: bytes = b""
+    seq: int | None = None  # the notification's place in the entity's order, for the snapshot a fetch makes
 
 
 @dataclass

@@ -21,10 +21,13 @@ from typing import Any
 from concord.contracts import deadletter as dlb
 from concord.contracts.codec import Codec
 from concord.contracts.topics import CHANGES, INGEST_DEADLETTERS, INGEST_SOURCES, deadletter_topic
+from concord.exceptions import ConfigError
 from concord.runtime import metrics
 from connectors.inbound import boundary, canonical, csv_import, debezium, hubspot, jobber, salesforce, stripe_events
 from connectors.inbound import common as c
+from connectors.inbound.debezium_mapping import load_config as load_debezium_config
 from connectors.inbound.identity import DEFAULT_PATH, IdentityMap
+from connectors.inbound.join_keys import load as load_join_keys
 
 MAPPERS = {"salesforce": salesforce, "hubspot": hubspot, "stripe": stripe_events, "debezium": debezium,
            "jobber": jobber, "canonical": canonical}
@@ -383,7 +386,16 @@ def run(args: argparse.Namespace) -> int:
     (the rest were published).
     """
     identity = IdentityMap(args.identity)
-    ctx = c.Context(identity=identity, settings={"tables": json.loads(args.tables)} if args.tables else {})
+    settings: dict[str, Any] = {"tables": json.loads(args.tables)} if args.tables else {}
+    try:  # mappings are checked before any record is read, so a typo cannot dead-letter a whole feed
+        if args.source == "debezium":
+            settings["debezium"] = load_debezium_config(args.debezium_config)
+        if args.source in ("stripe", "salesforce", "jobber"):
+            settings["join_keys"] = load_join_keys()
+    except ConfigError as exc:
+        print(f"concord ingest: error: {exc}", file=sys.stderr)
+        return EXIT_UNREADABLE
+    ctx = c.Context(identity=identity, settings=settings)
     dedupe = Deduper(args.dedupe_file)
     batches = []
     unreadable = 0
@@ -466,6 +478,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--identity", default=os.environ.get("CONCORD_IDENTITY_FILE", DEFAULT_PATH),
                    help=f"identity cross-reference file (default {DEFAULT_PATH})")
     p.add_argument("--tables", help='Debezium table → entity map as JSON, e.g. \'{"work_orders": "job"}\'')
+    p.add_argument("--debezium-config", metavar="FILE",
+                   help="Debezium table / column mapping (default $CONCORD_DEBEZIUM_CONFIG, else "
+                   "connectors/config/debezium.yaml); checked at start, errors name file:line")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the broker (default 30)")
     p.add_argument("--no-create-topics", action="store_true", help="do not create missing topics")
     p.set_defaults(func=run)

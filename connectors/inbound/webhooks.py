@@ -33,6 +33,7 @@ import hmac
 import json
 import logging
 import os
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -40,8 +41,9 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from concord.contracts.topics import deadletter_topic
+from concord.exceptions import ConfigError
 from concord.runtime import metrics
-from connectors.inbound import boundary, hubspot, jobber, salesforce, stripe_events
+from connectors.inbound import boundary, hubspot, jobber, join_keys, salesforce, stripe_events
 from connectors.inbound import common as c
 from connectors.inbound.identity import DEFAULT_PATH, IdentityMap
 from connectors.inbound.ingest import (
@@ -130,7 +132,9 @@ def make_app(bootstrap: str, identity: IdentityMap | None = None, dedupe: Dedupe
              timeout_s: float = 30.0, env: dict[str, str] | None = None) -> web.Application:
     """The webhook application, publishing to the broker at ``bootstrap``."""
     publisher = Publisher(bootstrap, timeout_s=timeout_s)
-    ctx = c.Context(identity=identity or IdentityMap())
+    # mappings are checked before the first request, so a bad file stops the receiver with file:line
+    ctx = c.Context(identity=identity or IdentityMap(),
+                    settings={"hubspot": hubspot.load_config(), "join_keys": join_keys.load()})
     dedupe = dedupe or Deduper()
     secrets = env if env is not None else dict(os.environ)
     # One mapping thread: bodies queue for it rather than take turns with the event loop for the interpreter lock.
@@ -225,6 +229,12 @@ def run(args: argparse.Namespace) -> int:
     from concord.contracts.topics import CHANGES, INGEST_DEADLETTERS
     from concord.runtime.broker import ensure_topics, open_broker
 
+    try:
+        hubspot.load_config()
+        join_keys.load()
+    except ConfigError as exc:
+        print(f"concord webhooks: error: {exc}", file=sys.stderr)
+        return 2
     with contextlib.ExitStack() as stack:
         bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
         if not bootstrap:

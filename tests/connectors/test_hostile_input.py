@@ -76,7 +76,7 @@ def test_a_raw_lone_surrogate_and_a_record_id_that_is_not_text_still_make_a_dead
     rc, events, err = dry_run("hubspot", json.dumps(mangled).encode(), "batch.json")
     assert rc == ingest.EXIT_REJECTED and "Traceback" not in err and "rejected 1" in err
     assert [e["event_id"] for e in events] == [e["event_id"] for e in whole[1:]]
-    assert "subscriptionType '7' is not mapped" in err
+    assert "subscriptionType '7' (7) is not mapped" in err
 
 
 def test_csv_with_bare_cr_line_ends_maps_like_lf_and_an_oversized_cell_is_refused(dry_run):
