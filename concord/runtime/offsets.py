@@ -30,7 +30,10 @@ class _Partition:
     lowest_skipped: int | None = None  # the lowest offset delivered while pending
     seek_target: int | None = None  # the offset asked for by the last seek back
     seeks: int = 0
+    first_seek_at: float = 0.0
     last_seek_at: float = 0.0
+    jump_to: int | None = None  # the lowest offset delivered past ``next`` since the seek back
+    last_admit_at: float | None = None  # when a record was last delivered (processed or not)
     holes: dict[int, int] = field(default_factory=dict)  # accepted runs of offsets with no record: start -> end
 
 
@@ -72,7 +75,7 @@ class OffsetLedger:
                 seeks[tp] = part.lowest_skipped
             else:
                 part.next = part.done = None
-            part.lowest_skipped, part.seek_target, part.seeks = None, None, 0
+            part.lowest_skipped, part.seek_target, part.seeks, part.jump_to = None, None, 0, None
         return seeks
 
     def admit(self, tp: Any, offset: int, now: float) -> Verdict:
@@ -80,6 +83,7 @@ class OffsetLedger:
         part = self._parts.get(tp)
         if part is None:  # delivered before its assignment was seen: hold it like a pending one
             part = self._parts[tp] = _Partition()
+        part.last_admit_at = now
         if part.pending:
             part.lowest_skipped = offset if part.lowest_skipped is None else min(part.lowest_skipped, offset)
             return Verdict(SKIP, reason="committed offset not known yet")
@@ -87,7 +91,7 @@ class OffsetLedger:
             part.next = part.done = offset
         if offset == part.next:
             part.next += 1
-            part.seek_target, part.seeks = None, 0
+            part.seek_target, part.seeks, part.jump_to = None, 0, None
             return Verdict(PROCESS)
         if offset < part.next:
             return Verdict(SKIP, reason="already processed")
@@ -97,15 +101,54 @@ class OffsetLedger:
                 empty = f"offsets {part.next}..{offset - 1} hold no record"
                 part.holes[part.next] = offset
                 part.next = offset + 1
-                part.seek_target, part.seeks = None, 0
+                part.seek_target, part.seeks, part.jump_to = None, 0, None
                 return Verdict(PROCESS, reason=empty)
             return Verdict(SKIP, reason="waiting for the seek back")
         if part.seek_target == part.next and now - part.last_seek_at < GAP_SEEK_EVERY_S:
             return Verdict(SKIP, reason="waiting for the seek back")
+        part.jump_to = offset if part.jump_to is None else min(part.jump_to, offset)
+        if part.seek_target != part.next:
+            part.first_seek_at = now
         part.seek_target = part.next
         part.seeks += 1
         part.last_seek_at = now
         return Verdict(SEEK, part.next, reason=f"expected offset {part.next}, got {offset}")
+
+    def stalled(self, now: float) -> dict[Any, tuple[int, int]]:
+        """Partitions sought back whose missing offsets never came: take them as holding no record.
+
+        A broker that cannot serve an offset inside its log (the embedded one, for an offset no batch starts
+        at) answers a fetch there with nothing at all, so no later delivery would show the jump again. After
+        GAP_SEEKS x GAP_SEEK_EVERY_S the missing run is recorded as empty and the partition must seek to the
+        first offset seen past it. Returns partition -> (first missing offset, offset to seek to).
+        """
+        out: dict[Any, tuple[int, int]] = {}
+        for tp, part in self._parts.items():
+            if (part.pending or part.jump_to is None or part.next is None or part.seek_target != part.next
+                    or now - part.first_seek_at < GAP_SEEKS * GAP_SEEK_EVERY_S):
+                continue
+            out[tp] = (part.next, part.jump_to)
+            part.holes[part.next] = part.jump_to
+            part.next = part.jump_to
+            part.seek_target, part.seeks, part.jump_to = None, 0, None
+        return out
+
+    def idle(self, ends: dict[Any, int], now: float, after_s: float) -> dict[Any, int]:
+        """Partitions with records waiting past ``next`` that delivered nothing for ``after_s`` s: where to seek.
+
+        ``ends`` are the broker's end offsets; a fetch that brings nothing although records wait is sought again.
+        """
+        out: dict[Any, int] = {}
+        for tp, end in ends.items():
+            part = self._parts.get(tp)
+            if part is None or part.pending or part.next is None or end <= part.next:
+                continue
+            if part.last_admit_at is None:
+                part.last_admit_at = now  # positioned, nothing delivered yet: start the clock
+            elif now - part.last_admit_at >= after_s:
+                out[tp] = part.next
+                part.last_admit_at = now
+        return out
 
     def done(self, tp: Any, offset: int) -> None:
         """The record at ``offset`` was processed and its outputs acknowledged; the frontier moves only in order."""

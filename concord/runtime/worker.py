@@ -30,6 +30,7 @@ from concord.runtime.web import register_views
 log = logging.getLogger("concord.worker")
 
 _FREEZE_EVERY_S = 1.0
+_IDLE_RESEEK_S = 10.0
 _FULL_GC_EVERY_S = 900.0
 _FULL_GC = {"at": 0.0}
 
@@ -265,6 +266,15 @@ def build_app(settings: Settings, pipeline: Pipeline | None = None) -> faust.App
             gc.collect(1)
         gc.freeze()
 
+    @app.timer(interval=1.0)
+    async def give_up_stalled_seeks() -> None:
+        """Partitions sought back to offsets the broker never serves go on from the first offset seen past them."""
+        for tp, (missing, resume) in ledger.stalled(asyncio.get_running_loop().time()).items():
+            log.error("%s[%s]: offsets %s..%s never arrived after seeking back; taken as holding no record",
+                      tp.topic, tp.partition, missing, resume - 1)
+            metrics.OFFSET_SEEKS.labels(tp.topic).inc()
+            await app.consumer.seek(tp, resume)
+
     @app.timer(interval=settings.gauge_interval_s)
     async def measure_tables() -> None:
         """Gauges from table state on the partitions this worker holds, so they equal what the queues show."""
@@ -291,6 +301,12 @@ def build_app(settings: Settings, pipeline: Pipeline | None = None) -> faust.App
             pos = await app.consumer.position(tp)
             if pos is not None and tp in highs:
                 metrics.CONSUMER_LAG.labels(tp.topic, str(tp.partition)).set(max(0, highs[tp] - pos))
+        # a partition with records past its next offset that delivered nothing for a while is sought again
+        for tp, offset in ledger.idle(dict(highs), asyncio.get_running_loop().time(), _IDLE_RESEEK_S).items():
+            log.warning("%s[%s]: records wait past offset %s but none came for %.0fs; seeking there again",
+                        tp.topic, tp.partition, offset, _IDLE_RESEEK_S)
+            metrics.OFFSET_SEEKS.labels(tp.topic).inc()
+            await app.consumer.seek(tp, offset)
 
     @app.timer(interval=1.0)
     async def tick_guards() -> None:

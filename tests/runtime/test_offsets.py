@@ -82,3 +82,31 @@ def test_whatever_is_delivered_the_committable_offset_never_passes_an_unprocesse
     top = ledger.committable(TP)
     assert top is not None and top >= committed
     assert set(range(committed, top)) <= processed
+
+
+def test_a_seek_back_to_an_offset_the_broker_never_serves_is_given_up_and_the_partition_goes_on():
+    ledger = positioned(70)
+    assert ledger.admit(TP, 71, 0.0).action == SEEK  # 70 missing; the broker answers the seek with nothing
+    assert ledger.stalled(1.0) == {}  # not yet: the seek may still bring it
+    assert ledger.stalled(GAP_SEEKS * GAP_SEEK_EVERY_S) == {TP: (70, 71)}
+    assert ledger.admit(TP, 71, 4.0).action == PROCESS
+    ledger.done(TP, 71)
+    assert ledger.committable(TP) == 72
+    assert ledger.stalled(10.0) == {}
+
+
+def test_a_seek_back_that_brings_the_missing_record_is_not_given_up():
+    ledger = positioned(70)
+    assert ledger.admit(TP, 72, 0.0).action == SEEK
+    assert ledger.admit(TP, 70, 0.5).action == PROCESS
+    assert ledger.stalled(10.0) == {}
+
+
+def test_a_partition_with_records_waiting_that_delivers_nothing_is_sought_again():
+    ledger = positioned(60)
+    assert ledger.idle({TP: 70}, 0.0, 10.0) == {}  # the clock starts
+    assert ledger.idle({TP: 70}, 5.0, 10.0) == {}
+    assert ledger.idle({TP: 70}, 10.0, 10.0) == {TP: 60}
+    assert ledger.admit(TP, 60, 11.0).action == PROCESS
+    assert ledger.idle({TP: 70}, 15.0, 10.0) == {}  # it delivers again
+    assert ledger.idle({TP: 61}, 30.0, 10.0) == {}  # nothing waits past next
