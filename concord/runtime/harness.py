@@ -14,13 +14,14 @@ from concord.contracts.codec import Codec
 from concord.domain.flow_config import FlowConfig, load_flow_config
 from concord.domain.routing import Routing, load_routing
 from concord.runtime.pipeline import Out, Pipeline, Record
+from concord.runtime.reconciler import Reconciler
 
 
 class InProcess:
     """Feed encoded change records; read what the topology produced and the tables it left."""
 
     def __init__(self, cfg: FlowConfig | None = None, routing: Routing | None = None, now: int = 0,
-                 gap_wait_ms: int = 1000) -> None:
+                 gap_wait_ms: int = 1000, budget: int = 500, check_delay_ms: int = 0) -> None:
         from concord.domain import rules
 
         self.cfg = cfg or load_flow_config()
@@ -30,6 +31,7 @@ class InProcess:
         self.pipeline = Pipeline(self.codec, lambda s, e, n: rules.decide(s, e, self.cfg, n), routing.route,
                                  gap_wait_ms=gap_wait_ms, clock=lambda: self.clock["now"], parks=routing.parks,
                                  act=lambda s, a, n: rules.act(s, a, self.cfg, n))
+        self.loop = Reconciler(self.pipeline, self.cfg, budget, check_delay_ms)
         self.cursors: dict[bytes, Any] = {}
         self.statuses: dict[bytes, Any] = {}
         self.out: list[Out] = []
@@ -48,9 +50,23 @@ class InProcess:
     def act(self, action: dict[str, Any]) -> None:
         """An owner's action arrives (see schemas/action.avsc)."""
         offset = self.offsets[topics.EXCEPTION_ACTIONS.name] = self.offsets.get(topics.EXCEPTION_ACTIONS.name, -1) + 1
-        self._run(self.pipeline.decide(Record(topics.EXCEPTION_ACTIONS.name, 0, offset,
-                                              action["customer_key"].encode(), self.codec.encode("action", action)),
-                                       self.statuses))
+        self._run(self.loop.step(Record(topics.EXCEPTION_ACTIONS.name, 0, offset,
+                                        action["customer_key"].encode(), self.codec.encode("action", action)),
+                                 self.statuses))
+
+    def report(self, outcome: dict[str, Any]) -> None:
+        """An adapter's outcome of one command arrives (see schemas/command_outcome.avsc)."""
+        key = (outcome["customer_id"] or f"unknown:{outcome['entity_type']}:{outcome['entity_id']}").encode()
+        self._loop(key, self.codec.encode("command_outcome", outcome))
+
+    def reconcile(self) -> None:
+        """A tick of the time-driven rules on the (single) partition."""
+        self._loop(b"", self.loop.tick_record(self.clock["now"]))
+
+    def _loop(self, key: bytes, value: bytes) -> None:
+        name = topics.COMMAND_OUTCOMES.name
+        offset = self.offsets[name] = self.offsets.get(name, -1) + 1
+        self._run(self.loop.step(Record(name, 0, offset, key, value), self.statuses))
 
     def tick(self) -> None:
         """A timer tick on the guard's partition."""
@@ -60,8 +76,7 @@ class InProcess:
         for o in outs:
             self.out.append(o)
             if o.topic == topics.ACCEPTED.name:
-                self._run(self.pipeline.decide(Record(o.topic, 0, 0, o.key, o.value, dict(o.headers)),
-                                               self.statuses))
+                self._run(self.loop.step(Record(o.topic, 0, 0, o.key, o.value, dict(o.headers)), self.statuses))
 
     def records(self, where: Callable[[str], bool]) -> list[dict[str, Any]]:
         """Decoded records produced on topics ``where`` accepts, in order."""

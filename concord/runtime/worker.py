@@ -31,6 +31,7 @@ from concord.exceptions import DecodeError
 from concord.owners.desk import Desk, newer, table_record, wire_record
 from concord.runtime import metrics
 from concord.runtime.pipeline import Out, Pipeline, Record
+from concord.runtime.reconciler import reconciler_for, tick_partitions
 from concord.runtime.settings import Settings
 from concord.runtime.web import register_views
 
@@ -260,7 +261,8 @@ def build_app(settings: Settings, pipeline: Pipeline | None = None) -> faust.App
     app.pipeline = pipeline  # type: ignore[attr-defined]
     raw = {"key_serializer": "raw", "value_serializer": "raw"}
     changes = app.topic(*(t.name for t in topics.CHANGES), topics.GUARD_CONTROLS.name, **raw)
-    accepted = app.topic(topics.ACCEPTED.name, topics.EXCEPTION_ACTIONS.name, **raw)
+    accepted = app.topic(topics.ACCEPTED.name, topics.EXCEPTION_ACTIONS.name, topics.COMMAND_OUTCOMES.name, **raw)
+    outcomes = app.topic(topics.COMMAND_OUTCOMES.name, **raw)
     actions = app.topic(topics.EXCEPTION_ACTIONS.name, **raw)
     raised = app.topic(*(t.name for t in topics.EXCEPTIONS), **raw)
     controls = app.topic(topics.GUARD_CONTROLS.name, **raw)
@@ -335,7 +337,7 @@ def build_app(settings: Settings, pipeline: Pipeline | None = None) -> faust.App
     @app.agent(accepted, name="decide_changes")
     async def decide_changes(stream: Any) -> None:
         """Apply accepted events to the customer status table and issue commands and exceptions."""
-        await run_batches(stream, lambda event, view: pipeline.decide(_record(event), view), customer_to_status)
+        await run_batches(stream, lambda event, view: loop.step(_record(event), view), customer_to_status)
 
     @app.agent(raised, name="track_exceptions")
     async def track_exceptions(stream: Any) -> None:
@@ -367,6 +369,14 @@ def build_app(settings: Settings, pipeline: Pipeline | None = None) -> faust.App
                     and key not in escalating:
                 escalating.add(key)
                 await send_all(pipeline.escalation(wire_record(rec), now))
+
+    # The closed loop (concord/runtime/reconciler.py): outcomes, confirmations and the time-driven rules.
+    loop = reconciler_for(settings, pipeline)
+
+    @app.timer(interval=settings.reconcile_interval_s)
+    async def reconcile_due() -> None:
+        """Run the time-driven rules on every assigned partition; set the revenue-at-risk gauges."""
+        await tick_partitions(app, loop, outcomes, exception_to_record, customer_to_status)
 
     @app.task
     async def run_canary() -> None:
