@@ -44,31 +44,20 @@ def timed(st: dict[str, Any], cfg: FlowConfig, now: int) -> list[dict[str, Any]]
     drafts: list[dict[str, Any]] = []
     others = {(e["entity_type"], e["entity_id"]) for e in st["exceptions"].values()
               if e["reason_code"] not in TIMED}  # an entity already in someone's queue is not raised twice
-    waiting: set[tuple[str, str]] = set()
-    for cid, entry in confirm.pending(st):
-        waiting.add((entry["entity_type"], entry["entity_id"]))
-        if now < entry["due_at"]:
-            continue
-        rep = entry["adapter"]
-        said = (f"the adapter reported {rep['outcome']}" + (f" ({rep['ref']})" if rep["ref"] else "")
-                + f" at {when(rep['at'])}" + (f": {rep['detail']}" if rep["detail"] else "")) if rep \
-            else "no adapter has reported an outcome"
-        amount, currency = _command_money(st, entry, cfg)
-        drafts.append(exception_draft(
-            "command_unconfirmed", st, entry["entity_type"], entry["entity_id"],
-            {"trace_id": entry["trace_id"], "event_id": cid},
-            f"{entry['type']} {cid} asked {entry['target']} at {when(entry['issued_at'])} (confirm by "
-            f"{when(entry['due_at'])}); {said}; {confirm.target_says(st, entry)}",
-            [{"field": "action", "value": "resend_command", "label": f"resend {entry['type']} with the same id",
-              "score": 0.6}], key=(cid,), amount=amount, currency=currency))
+    # entities with a command not yet confirmed: its own exception (unconfirmed, or the adapter's rejection) speaks
+    waiting = {(e["entity_type"], e["entity_id"]) for e in st.get("commands", {}).values()
+               if e["state"] != confirm.CONFIRMED}
     cust = st["customer"] or {}
     policy = cust.get("billing_policy") if cust.get("billing_policy") in ("on_close", "on_completion") \
         else cfg.default_billing_policy
+    asked = {e["entity_id"]: (cid, e) for cid, e in confirm.pending(st)
+             if e["type"] == "create_invoice" and e["entity_type"] == "job"}
+    covered: set[str] = set()  # commands whose story an unbilled_work exception already tells
     for job_id, job in sorted(st["jobs"].items()):
         done = job.get("completed_at")
         if not done or job.get("deleted") or job.get("status") == "cancelled" or policy != "on_completion":
             continue
-        if ("job", job_id) in others or ("job", job_id) in waiting or now < done + cfg.on_time_invoice_hours * HOUR_MS:
+        if ("job", job_id) in others or now < done + cfg.on_time_invoice_hours * HOUR_MS:
             continue
         if any(i.get("issued") and i.get("status") != "void" for i in invoices_of(st, job_id=job_id)):
             continue
@@ -76,12 +65,29 @@ def timed(st: dict[str, Any], cfg: FlowConfig, now: int) -> list[dict[str, Any]]
         if amount <= 0:
             continue  # nothing billable was done
         currency = st["deals"].get(job.get("deal_id") or "", {}).get("currency")
+        story = ""
+        if job_id in asked:
+            cid, entry = asked[job_id]
+            covered.add(cid)
+            story = f"; Concord asked billing for it with {cid} at {when(entry['issued_at'])} and {_said(entry)}"
         drafts.append(exception_draft(
             "unbilled_work", st, "job", job_id, job,
             f"job {job_id} was completed at {when(done)} and no invoice has been issued for it within "
-            f"{cfg.on_time_invoice_hours:g}h ({amount / 100:.2f} {currency or '(currency unknown)'} of billable work)",
+            f"{cfg.on_time_invoice_hours:g}h ({amount / 100:.2f} {currency or '(currency unknown)'} of billable "
+            f"work){story}",
             [{"field": "action", "value": "create_invoice", "label": "invoice the job's billable lines",
               "score": 0.8}], amount=amount, currency=currency))
+    for cid, entry in confirm.pending(st):
+        if now < entry["due_at"] or cid in covered:
+            continue
+        amount, currency = _command_money(st, entry, cfg)
+        drafts.append(exception_draft(
+            "command_unconfirmed", st, entry["entity_type"], entry["entity_id"],
+            {"trace_id": entry["trace_id"], "event_id": cid},
+            f"{entry['type']} {cid} asked {entry['target']} at {when(entry['issued_at'])} (confirm by "
+            f"{when(entry['due_at'])}); {_said(entry)}; {confirm.target_says(st, entry)}",
+            [{"field": "action", "value": "resend_command", "label": f"resend {entry['type']} with the same id",
+              "score": 0.6}], key=(cid,), amount=amount, currency=currency))
     for deal_id, deal in sorted(st["deals"].items()):
         if not deal.get("won") or deal.get("deleted") or ("deal", deal_id) in others or ("deal", deal_id) in waiting:
             continue
@@ -180,6 +186,15 @@ def next_due(st: dict[str, Any], cfg: FlowConfig, now: int) -> int | None:
 def open_timed(st: dict[str, Any]) -> bool:
     """Whether the customer has an open exception only a time-driven check can close."""
     return any(e["reason_code"] in TIMED for e in st.get("exceptions", {}).values())
+
+
+def _said(entry: dict[str, Any]) -> str:
+    """What the adapter reported about a command, in words."""
+    rep = entry["adapter"]
+    if not rep:
+        return "no adapter has reported an outcome"
+    return (f"the adapter reported {rep['outcome']}" + (f" ({rep['ref']})" if rep["ref"] else "")
+            + f" at {when(rep['at'])}" + (f": {rep['detail']}" if rep["detail"] else ""))
 
 
 def _command_money(st: dict[str, Any], entry: dict[str, Any], cfg: FlowConfig) -> tuple[int | None, str | None]:
