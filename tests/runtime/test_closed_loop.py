@@ -2,6 +2,8 @@
 command_unconfirmed, closed by the late echo."""
 
 import json
+import subprocess
+import sys
 import urllib.request
 import uuid
 
@@ -95,3 +97,13 @@ def test_a_command_is_confirmed_by_its_echo_and_an_unechoed_one_is_unconfirmed_u
         [closed] = [x.record for x in got if x.topic == "exceptions.revenue-ops"
                     and x.record["exception_id"] == exc["exception_id"]]
         assert closed["resolution"]["by"] == "concord"
+
+    # `concord trace` shows the chain: the command, what the adapter reported, the confirmation
+    trace = subprocess.run([sys.executable, "-m", "concord", "trace", cmds[echoed].record["trace_id"],
+                            "--bootstrap", bs], capture_output=True, text=True, timeout=120)
+    assert trace.returncode == 0, trace.stderr
+    lines = trace.stdout.splitlines()
+    steps = [next(i for i, ln in enumerate(lines) if want in ln) for want in (
+        f"command   create_invoice -> billing deal {echoed}", "outcome   create_invoice applied by sandbox",
+        f"confirmed: {first}: echo in billing invoice inv1-{uid}")]
+    assert steps == sorted(steps), trace.stdout
