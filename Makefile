@@ -10,7 +10,7 @@ APT_STAMP := $(VENV)/.apt-stamp
 APT_PACKAGES := prometheus chromium chromium-driver postgresql
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test lint bench clean system-packages
+.PHONY: help install demo test lint bench chaos clean system-packages
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -49,6 +49,9 @@ lint: $(STAMP) ## ruff and mypy
 
 bench: $(STAMP) ## throughput and latency on the embedded broker; prints a `bench:` line
 	$(VENV)/bin/concord bench $(BENCH_ARGS)
+
+chaos: $(STAMP) ## kill workers and adapters under load (SIGKILL, SIGTERM, two workers); prints a `chaos:` line
+	$(VENV)/bin/concord chaos $(CHAOS_ARGS)
 
 clean: ## remove the virtual environment and local state
 	rm -rf $(VENV) .concord .pytest_cache .hypothesis

@@ -17,6 +17,7 @@ SCHEMA_DIR = Path(__file__).resolve().parent
 SCHEMA_FILES: tuple[str, ...] = (
     "line", "customer", "deal", "job", "invoice", "payment",
     "change_event", "command", "command_outcome", "exception", "dead_letter", "decision", "control", "action",
+    "config_change",
 )
 _PRIMITIVES = {"null", "boolean", "int", "long", "float", "double", "bytes", "string"}
 

@@ -95,11 +95,14 @@ COMMAND_OUTCOMES = TopicSpec(
     "each command's outcome as its adapter reported it, co-partitioned with accepted.changes",
 )
 AUDIT = TopicSpec("audit.decisions", "decision", "trace_id", "every decision Concord made, with its reason")
+CONFIG_CHANGES = TopicSpec("audit.config_changes", "config_change", "the new configuration digest",
+                           "applied flow and routing configuration changes: who approved, when, what they change",
+                           partitions=1)
 
 ALL: tuple[TopicSpec, ...] = (
     *CHANGES, *DEADLETTERS, *INGEST_DEADLETTERS, ACCEPTED, GUARD_CONTROLS, *COMMANDS, *COMMAND_DEADLETTERS,
     *EXCEPTIONS,
-    EXCEPTION_ACTIONS, COMMAND_OUTCOMES, AUDIT,
+    EXCEPTION_ACTIONS, COMMAND_OUTCOMES, AUDIT, CONFIG_CHANGES,
 )
 # What a worker's consumer group reads: stage one, stage two and the exception tracker.
 WORKER_INPUTS: tuple[str, ...] = (

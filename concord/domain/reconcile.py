@@ -1,211 +1,212 @@
-"""Time-driven rules: ``(status, now) -> outcome``, pure and deterministic.
+"""Where the systems disagree, from the status table and what the rules warrant: pure, no broker.
 
-What only the passing of time reveals: a command the target never confirmed, completed work nobody invoiced,
-a won deal never billed, the CRM and billing disagreeing once they had time to agree, invoices past due.
-The same facts and the same ``now`` always give the same exceptions; an exception these rules raised closes
-when a later check finds the data agreeing again. ``next_due`` says when a customer must next be looked at,
-so a timer need only visit customers with a pending deadline.
+In a live pipeline a warranted command is simply issued. In an audit of today's exports the same command
+says something is missing in a system: a won deal that billing never invoiced, a CRM deal whose billing
+status lags its invoice. Each such command, unless the exports show it already carried out, is a
+disagreement; so is every exception the rules leave open. ``findings`` returns both as ``Finding``s.
 """
 
 from __future__ import annotations
 
-import time
+import json
+from dataclasses import dataclass, field
 from typing import Any
 
-from concord.domain import confirm
-from concord.domain.flow_config import FlowConfig
-from concord.domain.rules import TIMED_REASONS as TIMED
-from concord.domain.rules import Outcome, exception_draft, is_billable_total, sweep
-from concord.domain.status import fork, invoice_paid, invoices_of
+from concord.domain.routing import Routing
+from concord.domain.status import invoice_paid, invoices_of
 
-HOUR_MS = 3_600_000
-
-
-def when(ms: int) -> str:
-    """An epoch-millisecond time as UTC text."""
-    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(ms / 1000))
-
-
-def check(status: dict[str, Any], cfg: FlowConfig, now: int) -> Outcome:
-    """Look at one customer at ``now``: open, update and close the time-driven exceptions to match its facts."""
-    st = fork(status)
-    event = {"event_id": f"check:{st['key']}:{now}", "trace_id": f"check:{st['key']}", "entity_type": "customer",
-             "entity_id": st["key"], "source_system": None, "occurred_at": now, "caused_by_command_id": None,
-             "why": f"checked at {when(now)}"}
-    out = Outcome(st)
-    sweep(st, timed(st, cfg, now), now, event, out, lambda reason: reason in TIMED)
-    st["overdue"] = overdue(st, now)
-    out.facts["next_due"] = next_due(st, cfg, now)
-    return out
+# reason -> (the system whose record is right, the fix an owner makes there)
+TRUTH: dict[str, tuple[str, str]] = {
+    "unbilled_work": ("billing", "create the invoice in billing for the sold or completed work"),
+    "unscheduled_sale": ("dispatch", "schedule the job in dispatch for the won deal"),
+    "billing_drift": ("crm", "set the deal's billing status in the CRM to what billing shows"),
+    "cancelled_work_invoiced": ("billing", "void the invoice of the cancelled job in billing"),
+    "missing_billing_account": ("crm", "enter the billing account id on the CRM account"),
+    "missing_billing_terms": ("crm", "enter the billing terms on the CRM account"),
+    "unmapped_sku": ("crm", "map the SKU to a billing price in flows.yaml or correct it on the deal"),
+    "unknown_customer": ("crm", "link the record to its CRM account"),
+    "unlinked_job": ("dispatch", "enter the deal on the job in dispatch"),
+    "amount_mismatch": ("billing", "correct the invoice amount in billing to the lines it bills"),
+    "duplicate_invoice": ("billing", "void the duplicate invoice in billing"),
+    "orphan_invoice": ("billing", "link the invoice to its deal or job in billing"),
+    "payment_without_invoice": ("billing", "apply the payment to its invoice in billing"),
+    "payment_failed": ("billing", "collect the payment again or contact the customer"),
+    "invoiced_job_cancelled": ("billing", "void or credit the invoice of the cancelled job"),
+}
+_DEAL_BILLING_RANK = {None: 0, "": 0, "not_invoiced": 0, "invoiced": 1, "paid": 2}
 
 
-def timed(st: dict[str, Any], cfg: FlowConfig, now: int) -> list[dict[str, Any]]:
-    """Every exception draft the customer's facts warrant at ``now`` for the TIMED reasons."""
-    drafts: list[dict[str, Any]] = []
-    others = {(e["entity_type"], e["entity_id"]) for e in st["exceptions"].values()
-              if e["reason_code"] not in TIMED}  # an entity already in someone's queue is not raised twice
-    # entities with a command not yet confirmed: its own exception (unconfirmed, or the adapter's rejection) speaks
-    waiting = {(e["entity_type"], e["entity_id"]) for e in st.get("commands", {}).values()
-               if e["state"] != confirm.CONFIRMED}
-    cust = st["customer"] or {}
-    policy = cust.get("billing_policy") if cust.get("billing_policy") in ("on_close", "on_completion") \
-        else cfg.default_billing_policy
-    asked = {e["entity_id"]: (cid, e) for cid, e in confirm.pending(st)
-             if e["type"] == "create_invoice" and e["entity_type"] == "job"}
-    covered: set[str] = set()  # commands whose story an unbilled_work exception already tells
-    for job_id, job in sorted(st["jobs"].items()):
-        done = job.get("completed_at")
-        if not done or job.get("deleted") or job.get("status") == "cancelled" or policy != "on_completion":
+@dataclass(frozen=True)
+class Finding:
+    """One disagreement between systems, with the evidence each system gave."""
+
+    kind: str
+    owner: str
+    severity: str
+    customer_id: str | None
+    entity_type: str
+    entity_id: str
+    amount_cents: int
+    currency: str
+    since: int | None  # when the record it is about last changed (epoch ms), for aging
+    message: str
+    evidence: dict[str, str] = field(default_factory=dict)  # system -> what its records say
+    source_of_truth: str = ""
+    fix: str = ""
+    trace_id: str = ""
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        """What identifies the disagreement: its kind and the record it is about."""
+        return (self.kind, self.entity_type, self.entity_id)
+
+
+def findings(statuses: dict[Any, dict[str, Any]], commands: list[dict[str, Any]],
+             exceptions: list[dict[str, Any]], routing: Routing) -> list[Finding]:
+    """Every disagreement: open exceptions, and warranted commands the exports do not show as done."""
+    by_customer = {st.get("key") or st.get("customer_id"): st for st in statuses.values() if isinstance(st, dict)}
+    out: dict[tuple[str, str, str], Finding] = {}
+    latest: dict[str, dict[str, Any]] = {}
+    for rec in exceptions:
+        latest[rec["exception_id"]] = rec
+    for rec in latest.values():
+        if rec.get("state") in ("resolved", "discarded"):
             continue
-        if ("job", job_id) in others or now < done + cfg.on_time_invoice_hours * HOUR_MS:
+        st = by_customer.get(rec.get("customer_id") or f"unknown:{rec['entity_type']}:{rec['entity_id']}")
+        f = _finding(rec["reason_code"], rec, st, routing, rec["message"], rec.get("trace_id") or "")
+        out.setdefault(f.key, f)
+    for cmd in commands:
+        st = by_customer.get(cmd.get("customer_id") or "")
+        if st is None:
             continue
-        if any(i.get("issued") and i.get("status") != "void" for i in invoices_of(st, job_id=job_id)):
+        gap = _unmet(cmd, st)
+        if gap is None:
             continue
-        amount = is_billable_total(job.get("lines", []), cfg)
-        if amount <= 0:
-            continue  # nothing billable was done
-        currency = st["deals"].get(job.get("deal_id") or "", {}).get("currency")
-        story = ""
-        if job_id in asked:
-            cid, entry = asked[job_id]
-            covered.add(cid)
-            story = f"; Concord asked billing for it with {cid} at {when(entry['issued_at'])} and {_said(entry)}"
-        drafts.append(exception_draft(
-            "unbilled_work", st, "job", job_id, job,
-            f"job {job_id} was completed at {when(done)} and no invoice has been issued for it within "
-            f"{cfg.on_time_invoice_hours:g}h ({amount / 100:.2f} {currency or '(currency unknown)'} of billable "
-            f"work){story}",
-            [{"field": "action", "value": "create_invoice", "label": "invoice the job's billable lines",
-              "score": 0.8}], amount=amount, currency=currency))
-    for cid, entry in confirm.pending(st):
-        if now < entry["due_at"] or cid in covered:
+        kind, message = gap
+        f = _finding(kind, cmd, st, routing, message, cmd.get("trace_id") or "")
+        out.setdefault(f.key, f)
+    for st in by_customer.values():  # records no export ties to a customer: the rules alone say nothing of some
+        if st.get("customer_id"):
             continue
-        amount, currency = _command_money(st, entry, cfg)
-        drafts.append(exception_draft(
-            "command_unconfirmed", st, entry["entity_type"], entry["entity_id"],
-            {"trace_id": entry["trace_id"], "event_id": cid},
-            f"{entry['type']} {cid} asked {entry['target']} at {when(entry['issued_at'])} (confirm by "
-            f"{when(entry['due_at'])}); {_said(entry)}; {confirm.target_says(st, entry)}",
-            [{"field": "action", "value": "resend_command", "label": f"resend {entry['type']} with the same id",
-              "score": 0.6}], key=(cid,), amount=amount, currency=currency))
-    for deal_id, deal in sorted(st["deals"].items()):
-        if not deal.get("won") or deal.get("deleted") or ("deal", deal_id) in others or ("deal", deal_id) in waiting:
-            continue
-        won_at = deal.get("closed_at") or deal.get("occurred_at") or 0
-        if now < won_at + cfg.won_unbilled_hours * HOUR_MS:
-            continue
-        jobs = [j for j, job in st["jobs"].items() if job.get("deal_id") == deal_id and not job.get("deleted")]
-        if policy == "on_close":
-            if any(i.get("issued") for i in invoices_of(st, deal_id=deal_id)):
-                continue
-            missing = "no invoice"
-        else:
-            if jobs:
-                continue
-            missing = "no job"
-        amount = is_billable_total(deal.get("lines", []), cfg)
-        if amount <= 0:
-            continue
-        drafts.append(exception_draft(
-            "won_not_billed", st, "deal", deal_id, deal,
-            f"deal {deal_id} was won at {when(won_at)} and has {missing} after {cfg.won_unbilled_hours:g}h "
-            f"(billing policy {policy}; {amount / 100:.2f} {deal.get('currency') or ''} won)",
-            [], amount=amount, currency=deal.get("currency")))
-    drafts += _billing_drift(st, cfg, now, waiting)
-    if cfg.overdue_invoice_exception:
-        for inv_id, cents in sorted(overdue(st, now).items()):
-            inv = st["invoices"][inv_id]
-            drafts.append(exception_draft(
-                "overdue_invoice", st, "invoice", inv_id, inv,
-                f"invoice {inv_id} was due at {when(inv['due_at'])} and {cents / 100:.2f} {inv.get('currency')} "
-                "is still unpaid", [], amount=cents, currency=inv.get("currency")))
-    return drafts
+        for etype, coll in (("deal", "deals"), ("job", "jobs"), ("invoice", "invoices"), ("payment", "payments")):
+            for eid, rec in sorted(st[coll].items()):
+                if any(k[1:] == (etype, eid) for k in out) or rec.get("deleted"):
+                    continue
+                ref = {"entity_type": etype, "entity_id": eid, "customer_id": None,
+                       "source_system": {"deal": "crm", "job": "dispatch"}.get(etype, "billing")}
+                f = _finding("unknown_customer", ref, st, routing, f"{etype} {eid} belongs to no customer the CRM "
+                             "export knows (no account id, or a native customer id no account links to)",
+                             rec.get("trace_id") or "")
+                out.setdefault(f.key, f)
+    return sorted(out.values(), key=lambda f: (f.owner, f.kind, f.customer_id or "", f.entity_id))
 
 
-def _billing_drift(st: dict[str, Any], cfg: FlowConfig, now: int,
-                   waiting: set[tuple[str, str]]) -> list[dict[str, Any]]:
-    """Billing says paid or void while the CRM's deal says otherwise, after the CRM had time to follow."""
-    grace = int(cfg.confirm_within_s.get("update_deal_billing_status", 0) * 1000)
-    drafts = []
-    for inv_id, inv in sorted(st["invoices"].items()):
-        if inv.get("deleted") or not inv.get("issued"):
-            continue
+def _unmet(cmd: dict[str, Any], st: dict[str, Any]) -> tuple[str, str] | None:
+    """(kind, message) when the exports show ``cmd`` not carried out; None when it was (or is not checkable)."""
+    ctype, eid = cmd["type"], cmd["entity_id"]
+    if ctype == "create_invoice":
+        kw = {"deal_id": eid} if cmd["entity_type"] == "deal" else {"job_id": eid}
+        if any(i.get("status") != "void" for i in invoices_of(st, **kw)):
+            return None
+        what = "won deal" if cmd["entity_type"] == "deal" else "completed job"
+        return "unbilled_work", f"{what} {eid} has no invoice in billing"
+    if ctype == "create_job":
+        if any(j.get("deal_id") == eid and not j.get("deleted") for j in st["jobs"].values()):
+            return None
+        return "unscheduled_sale", f"won deal {eid} (billed on completion) has no job in dispatch"
+    if ctype == "update_deal_billing_status":
+        want = json.loads(cmd["payload"])["billing_status"]
+        deal = st["deals"].get(eid)
+        if deal is None:
+            return None
+        have = deal.get("billing_status")
+        if _DEAL_BILLING_RANK.get(have, 0) >= _DEAL_BILLING_RANK[want]:
+            return None
+        return "billing_drift", f"deal {eid} has billing status {have or 'none'} in the CRM; billing shows {want}"
+    if ctype == "void_invoice":
+        inv = st["invoices"].get(eid, {})
+        if inv.get("status") == "void":
+            return None
+        return "cancelled_work_invoiced", f"invoice {eid} is {inv.get('status')} although its job was cancelled"
+    return None  # update_customer and holds: the exports carry no billing or dispatch customer master to compare
+
+
+def _finding(kind: str, ref: dict[str, Any], st: dict[str, Any] | None, routing: Routing, message: str,
+             trace_id: str) -> Finding:
+    route = routing.route_of({"reason_code": kind, "source_system": ref.get("source_system")})
+    etype, eid = ref["entity_type"], ref["entity_id"]
+    amount, currency, since = _money(st, etype, eid)
+    truth, fix = TRUTH.get(kind, ("", ""))
+    return Finding(kind, route.owner, route.severity, ref.get("customer_id"), etype, eid, amount, currency, since,
+                   message, evidence(st, etype, eid) if st else {}, truth, fix, trace_id)
+
+
+def amount_at_risk(st: dict[str, Any], etype: str, eid: str) -> int:
+    """The money (cents) held up while the record ``etype`` ``eid`` of this customer is in dispute."""
+    return _money(st, etype, eid)[0]
+
+
+def _money(st: dict[str, Any] | None, etype: str, eid: str) -> tuple[int, str, int | None]:
+    """(amount at risk in cents, currency, last change) of the record a finding is about."""
+    if not st:
+        return 0, "USD", None
+    if etype == "customer":
+        return sum(_money(st, "deal", d)[0] for d, deal in st["deals"].items() if deal.get("won")
+                   and not invoices_of(st, deal_id=d)), "USD", (st.get("customer") or {}).get("occurred_at")
+    rec = st[{"deal": "deals", "job": "jobs", "invoice": "invoices", "payment": "payments"}[etype]].get(eid, {})
+    currency = rec.get("currency") or "USD"
+    if etype == "deal":
+        amount = rec.get("amount_cents") or 0
+    elif etype == "job":
+        amount = sum(ln["quantity"] * ln["unit_price_cents"] for ln in rec.get("lines", []))
+    elif etype == "invoice":
+        amount = 0 if invoice_paid(st, eid) else max(0, (rec.get("amount_due_cents") or 0)
+                                                      - (rec.get("amount_paid_cents") or 0))
+        amount = amount or rec.get("amount_due_cents") or 0
+    else:
+        amount = rec.get("amount_cents") or 0
+    return int(amount), currency, rec.get("occurred_at")
+
+
+def evidence(st: dict[str, Any], etype: str, eid: str) -> dict[str, str]:
+    """What each system's records say about the deal, job, invoice or payment a finding is about."""
+    deal_id = eid if etype == "deal" else None
+    job_ids: list[str] = [eid] if etype == "job" else []
+    if etype == "job":
+        deal_id = st["jobs"].get(eid, {}).get("deal_id")
+    if etype == "invoice":
+        inv = st["invoices"].get(eid, {})
         deal_id = inv.get("deal_id") or st["jobs"].get(inv.get("job_id") or "", {}).get("deal_id")
-        deal = st["deals"].get(deal_id or "")
-        if deal is None or deal.get("billing_status") is None or ("deal", deal_id) in waiting:
-            continue  # the CRM has said nothing yet: an unconfirmed command says that, not drift
-        billing = "void" if inv.get("status") == "void" else "paid" if invoice_paid(st, inv_id) else None
-        crm = deal["billing_status"]
-        if billing is None or crm == billing or (billing == "void" and crm not in ("invoiced", "paid")):
-            continue
-        if deal.get("invoice_id") not in (None, inv_id) and crm != "paid":
-            continue  # the CRM tracks another of the deal's invoices
-        if now < max(inv.get("occurred_at") or 0, deal.get("occurred_at") or 0) + grace:
-            continue
-        amount = inv.get("amount_due_cents") or 0
-        drafts.append(exception_draft(
-            "billing_drift", st, "deal", deal_id, deal,
-            f"billing says invoice {inv_id} is {billing} but the CRM says deal {deal_id} billing_status={crm}",
-            [{"field": "billing_status", "value": billing, "label": f"set the CRM's billing status to {billing}",
-              "score": 0.8}], key=(inv_id,), amount=amount, currency=inv.get("currency")))
-    return drafts
-
-
-def overdue(st: dict[str, Any], now: int) -> dict[str, int]:
-    """Invoice id -> cents still due, for every issued invoice past its due date and not paid."""
-    out = {}
-    for inv_id, inv in sorted(st["invoices"].items()):
-        due = inv.get("due_at")
-        if inv.get("deleted") or not inv.get("issued") or inv.get("status") in ("void", "paid") or not due:
-            continue
-        if now >= due and not invoice_paid(st, inv_id):
-            out[inv_id] = max(0, (inv.get("amount_due_cents") or 0) - (inv.get("amount_paid_cents") or 0))
+        job_ids = [inv["job_id"]] if inv.get("job_id") else []
+    if etype == "payment":
+        inv = st["invoices"].get(st["payments"].get(eid, {}).get("invoice_id") or "", {})
+        deal_id = inv.get("deal_id")
+    if deal_id and not job_ids:
+        job_ids = sorted(j for j, job in st["jobs"].items() if job.get("deal_id") == deal_id)
+    out: dict[str, str] = {}
+    cust = st.get("customer") or {}
+    crm = [f"account {st.get('customer_id')}: billing account {cust.get('billing_account_id') or 'none'}, "
+           f"terms {cust.get('billing_terms') or 'none'}"] if cust else ["no CRM account record"]
+    if deal_id and deal_id in st["deals"]:
+        d = st["deals"][deal_id]
+        crm.append(f"deal {deal_id}: {d.get('stage')}, {(d.get('amount_cents') or 0) / 100:.2f} "
+                   f"{d.get('currency')}, billing status {d.get('billing_status') or 'none'}, SKUs "
+                   + ", ".join(ln["sku"] for ln in d.get("lines", [])))
+    out["crm"] = "; ".join(crm)
+    jobs = [f"job {j}: {st['jobs'][j].get('status')}" + (" (after completion)" if st["jobs"][j].get("completed_at")
+                                                          and st["jobs"][j].get("status") != "completed" else "")
+            + f", deal {st['jobs'][j].get('deal_id') or 'none'}" for j in job_ids if j in st["jobs"]]
+    out["dispatch"] = "; ".join(jobs) or "no job"
+    invs = invoices_of(st, deal_id=deal_id) if deal_id else []
+    invs += [{**st["invoices"][eid], "id": eid}] if etype == "invoice" and not any(i["id"] == eid for i in invs) \
+        else []
+    for j in job_ids:
+        invs += [i for i in invoices_of(st, job_id=j) if not any(i["id"] == x["id"] for x in invs)]
+    bills = [f"invoice {i['id']}: {i.get('status')}, {(i.get('amount_due_cents') or 0) / 100:.2f} {i.get('currency')}"
+             + (" (paid)" if invoice_paid(st, i["id"]) else "") for i in invs]
+    if etype == "payment":
+        p = st["payments"].get(eid, {})
+        bills.append(f"payment {eid}: {p.get('status')}, {(p.get('amount_cents') or 0) / 100:.2f} "
+                     f"{p.get('currency')}, invoice {p.get('invoice_id') or 'none'}")
+    out["billing"] = "; ".join(bills) or "no invoice"
     return out
-
-
-def next_due(st: dict[str, Any], cfg: FlowConfig, now: int) -> int | None:
-    """The earliest time after ``now`` at which a time-driven rule could change its mind about this customer."""
-    times: list[int] = [e["due_at"] for _, e in confirm.pending(st)]
-    for job in st["jobs"].values():
-        if job.get("completed_at") and not job.get("deleted"):
-            times.append(int(job["completed_at"] + cfg.on_time_invoice_hours * HOUR_MS))
-    for deal in st["deals"].values():
-        if deal.get("won") and not deal.get("deleted"):
-            won_at = deal.get("closed_at") or deal.get("occurred_at") or 0
-            times.append(int(won_at + cfg.won_unbilled_hours * HOUR_MS))
-    grace = int(cfg.confirm_within_s.get("update_deal_billing_status", 0) * 1000)
-    for inv in st["invoices"].values():
-        if inv.get("issued") and not inv.get("deleted"):
-            if inv.get("due_at") and inv.get("status") not in ("paid", "void"):
-                times.append(int(inv["due_at"]))
-            times.append(int((inv.get("occurred_at") or 0) + grace))
-    later = [t for t in times if t > now]
-    return min(later) if later else None
-
-
-def open_timed(st: dict[str, Any]) -> bool:
-    """Whether the customer has an open exception only a time-driven check can close."""
-    return any(e["reason_code"] in TIMED for e in st.get("exceptions", {}).values())
-
-
-def _said(entry: dict[str, Any]) -> str:
-    """What the adapter reported about a command, in words."""
-    rep = entry["adapter"]
-    if not rep:
-        return "no adapter has reported an outcome"
-    return (f"the adapter reported {rep['outcome']}" + (f" ({rep['ref']})" if rep["ref"] else "")
-            + f" at {when(rep['at'])}" + (f": {rep['detail']}" if rep["detail"] else ""))
-
-
-def _command_money(st: dict[str, Any], entry: dict[str, Any], cfg: FlowConfig) -> tuple[int | None, str | None]:
-    expect = entry["expect"]
-    if "amount_cents" in expect:
-        deal = st["deals"].get(expect.get("deal_id") or "", {})
-        return int(expect["amount_cents"]), deal.get("currency")
-    inv = st["invoices"].get(expect.get("invoice_id") or "")
-    if inv:
-        return inv.get("amount_due_cents"), inv.get("currency")
-    deal = st["deals"].get(expect.get("deal_id") or "")
-    if deal:
-        return deal.get("amount_cents"), deal.get("currency")
-    return None, None

@@ -3,7 +3,7 @@
 Beside the pipeline's decide stage (the same partitions, the same ``customer_to_status`` table):
 - ``outcomes.commands`` records (keyed by customer) are recorded in the customer's command lifecycle;
 - after every event a customer is scheduled for a check ``delay`` later, and after each check for its next
-  deadline (concord/domain/reconcile.py ``next_due``); the schedule is a deadline index kept in the table
+  deadline (concord/domain/timed_rules.py ``next_due``); the schedule is a deadline index kept in the table
   itself (a ring of minute slots and a directory of each slot's earliest entry), so recovery restores it
   and a tick reads only the slots that hold something due;
 - a tick (a ``control`` record with action ``reconcile`` on ``outcomes.commands``, one per partition) checks
@@ -16,7 +16,7 @@ from collections.abc import MutableMapping
 from typing import Any
 
 from concord.contracts import topics
-from concord.domain import confirm, reconcile
+from concord.domain import confirm, timed_rules
 from concord.domain.flow_config import FlowConfig
 from concord.exceptions import DecodeError
 from concord.runtime import metrics
@@ -74,7 +74,7 @@ class Reconciler:
         outs += self._confirmed(rec, before, after)
         now = self.pipeline.clock()
         # an open time-driven exception may be answered by this very change: look at once, not after the delay
-        self._schedule(rec.partition, key, after, now if reconcile.open_timed(after) else now + self.delay_ms,
+        self._schedule(rec.partition, key, after, now if timed_rules.open_timed(after) else now + self.delay_ms,
                        statuses)
         return outs
 
@@ -168,7 +168,7 @@ class Reconciler:
             if not isinstance(status, dict):
                 self._schedule(rec.partition, key, {"next_check": None}, None, statuses)
                 continue
-            outcome = reconcile.check(status, self.cfg, now)
+            outcome = timed_rules.check(status, self.cfg, now)
             checked += 1
             event = {"event_id": f"check:{ckey}:{now}", "trace_id": f"check:{ckey}",
                      "source_system": None, "entity_type": "customer", "entity_id": ckey,

@@ -28,6 +28,7 @@ _ENV = {
     "owner_tokens": "CONCORD_OWNER_TOKENS",
     "owner_tokens_file": "CONCORD_OWNER_TOKENS_FILE",
     "sla_check_interval_s": "CONCORD_SLA_CHECK_INTERVAL_S",
+    "gauge_interval_s": "CONCORD_GAUGE_INTERVAL_S",
     "canary_interval_s": "CONCORD_CANARY_INTERVAL_S",
     "reconcile_interval_s": "CONCORD_RECONCILE_INTERVAL_S",
     "reconcile_budget": "CONCORD_RECONCILE_BUDGET",
@@ -57,6 +58,7 @@ class Settings(BaseModel):
     owner_tokens: str | None = Field(None, description="team=token,team=token: each owner team's API credential")
     owner_tokens_file: Path | None = Field(None, description="YAML mapping team -> token (instead of the variable)")
     sla_check_interval_s: float = Field(1.0, gt=0, description="how often SLA deadlines are checked")
+    gauge_interval_s: float = Field(2.0, gt=0, description="how often gauges are read from the tables")
     canary_interval_s: float = Field(60.0, ge=0, description="seconds between canary flows; 0 turns the canary off")
     reconcile_interval_s: float = Field(5.0, gt=0, description="how often the time-driven rules run per partition")
     reconcile_budget: int = Field(500, ge=1, description="customers checked per partition per run")

@@ -16,10 +16,13 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
     "concord.runtime.worker",
     "concord.tools.demo",
     "concord.tools.bench",
+    "concord.tools.chaos",
     "concord.owners.cli",
     "connectors.inbound.ingest",
     "connectors.inbound.webhooks",
     "connectors.outbound.cli",
+    "concord.tools.audit",
+    "concord.tools.rules_diff",
 )
 
 

@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from concord.contracts import events as ev
-from concord.domain import confirm, reconcile
+from concord.domain import confirm, timed_rules
 from concord.domain.flow_config import load_flow_config
 from concord.domain.rules import command_id, decide
 from concord.domain.status import clone
@@ -103,8 +103,8 @@ def test_unconfirmed_after_its_deadline_says_what_was_asked_what_the_adapter_sai
     status = feed([customer(), won()])
     confirm.record_outcome(status, reported(CREATE))
     due = status["commands"][CREATE]["due_at"]
-    assert reconcile.check(status, CFG, due - 1).exceptions == []
-    out = reconcile.check(status, CFG, due)
+    assert timed_rules.check(status, CFG, due - 1).exceptions == []
+    out = timed_rules.check(status, CFG, due)
     [exc] = out.exceptions
     assert exc["reason_code"] == "command_unconfirmed" and exc["entity_id"] == "d1"
     assert f"create_invoice {CREATE} asked billing at 2026-01-01 00:00:00 UTC" in exc["message"]
@@ -116,11 +116,11 @@ def test_unconfirmed_after_its_deadline_says_what_was_asked_what_the_adapter_sai
 def test_unconfirmed_closes_itself_when_the_confirmation_arrives_late():
     status = feed([customer(), won()])
     due = status["commands"][CREATE]["due_at"]
-    status = reconcile.check(status, CFG, due).status
+    status = timed_rules.check(status, CFG, due).status
     assert open_reasons(status) == ["command_unconfirmed"]
     status = feed([invoice(at=due + H)], status=status, now=due + H)
     assert open_reasons(status) == ["command_unconfirmed"], "only a time-driven check closes a timed exception"
-    out = reconcile.check(status, CFG, due + H)
+    out = timed_rules.check(status, CFG, due + H)
     assert [g["reason_code"] for g in out.resolved] == ["command_unconfirmed"]
     assert open_reasons(out.status) == []
 
@@ -128,7 +128,7 @@ def test_unconfirmed_closes_itself_when_the_confirmation_arrives_late():
 def test_a_rejected_command_is_not_also_unconfirmed():
     status = feed([customer(), won()])
     confirm.record_outcome(status, reported(CREATE, "rejected"))
-    assert reconcile.check(status, CFG, T + 100 * H).exceptions == []
+    assert timed_rules.check(status, CFG, T + 100 * H).exceptions == []
 
 
 # ---- unbilled work, won but not billed ------------------------------------------------------------------
@@ -139,15 +139,15 @@ def completed_job(at=T + H):
 def test_unbilled_work_once_on_time_invoice_hours_pass_without_an_invoice():
     status = feed([customer("on_completion"), won(), completed_job()])
     deadline = T + H + int(CFG.on_time_invoice_hours * H)
-    before = reconcile.check(status, CFG, deadline - 1)
+    before = timed_rules.check(status, CFG, deadline - 1)
     assert "unbilled_work" not in [e["reason_code"] for e in before.exceptions]
     assert before.facts["next_due"] <= deadline
-    out = reconcile.check(status, CFG, deadline)
+    out = timed_rules.check(status, CFG, deadline)
     [exc] = [e for e in out.exceptions if e["reason_code"] == "unbilled_work"]
     assert exc["entity_id"] == "j1" and exc["amount_at_risk_cents"] == 25_000 and exc["currency"] == "USD"
     assert "no invoice has been issued for it within 48h" in exc["message"]
     status = feed([invoice(at=deadline + H, job_id="j1", deal_id="d1")], status=out.status, now=deadline + H)
-    closed = reconcile.check(status, CFG, deadline + H)
+    closed = timed_rules.check(status, CFG, deadline + H)
     assert "unbilled_work" in [g["reason_code"] for g in closed.resolved]
 
 
@@ -155,12 +155,12 @@ def test_won_not_billed_when_no_command_is_waiting_for_confirmation():
     cfg = CFG.model_copy(update={"confirm_within_s": {}})  # nothing followed: the backstop rule speaks
     status = feed([customer(), won()], cfg=cfg)
     limit = T + int(cfg.won_unbilled_hours * H)
-    assert reconcile.check(status, cfg, limit - 1).exceptions == []
-    [exc] = reconcile.check(status, cfg, limit).exceptions
+    assert timed_rules.check(status, cfg, limit - 1).exceptions == []
+    [exc] = timed_rules.check(status, cfg, limit).exceptions
     assert exc["reason_code"] == "won_not_billed" and exc["amount_at_risk_cents"] == 25_000
     # with create_invoice followed, the unconfirmed command is the one exception, not both
     followed = feed([customer(), won()])
-    reasons = [e["reason_code"] for e in reconcile.check(followed, CFG, limit).exceptions]
+    reasons = [e["reason_code"] for e in timed_rules.check(followed, CFG, limit).exceptions]
     assert reasons == ["command_unconfirmed"]
 
 
@@ -172,15 +172,15 @@ def test_billing_drift_when_billing_says_paid_and_the_crm_still_says_invoiced():
     cfg = CFG.model_copy(update={"confirm_within_s": {"update_deal_billing_status": 60}})
     status["commands"] = {}  # judge the drift alone, not the unconfirmed update of the CRM
     grace_end = T + 3 * H + 60_000
-    assert reconcile.check(status, cfg, grace_end - 1).exceptions == []
-    [exc] = reconcile.check(status, cfg, grace_end).exceptions
+    assert timed_rules.check(status, cfg, grace_end - 1).exceptions == []
+    [exc] = timed_rules.check(status, cfg, grace_end).exceptions
     assert exc["reason_code"] == "billing_drift" and exc["entity_id"] == "d1"
     assert exc["message"] == "billing says invoice inv1 is paid but the CRM says deal d1 billing_status=invoiced"
     assert exc["amount_at_risk_cents"] == 25_000
     crm_paid = ev.change_event("deal", "d1", 3, ev.deal("closed_won", LINES, closed_at=T, billing_status="paid"),
                                "c1", at=T + 4 * H)
-    drifted = reconcile.check(status, cfg, grace_end).status
-    agreed = reconcile.check(feed([crm_paid], status=drifted, cfg=cfg), cfg, T + 5 * H)
+    drifted = timed_rules.check(status, cfg, grace_end).status
+    agreed = timed_rules.check(feed([crm_paid], status=drifted, cfg=cfg), cfg, T + 5 * H)
     assert [g["reason_code"] for g in agreed.resolved] == ["billing_drift"]
 
 
@@ -188,11 +188,11 @@ def test_overdue_invoices_are_a_status_field_and_an_exception_only_where_policy_
     status = feed([customer(), won(), invoice()])
     due = T + H + 30 * 24 * H
     status["commands"] = {}
-    assert reconcile.check(status, CFG, due - 1).status["overdue"] == {}
-    out = reconcile.check(status, CFG, due)
+    assert timed_rules.check(status, CFG, due - 1).status["overdue"] == {}
+    out = timed_rules.check(status, CFG, due)
     assert out.status["overdue"] == {"inv1": 25_000} and out.exceptions == []
     strict = CFG.model_copy(update={"overdue_invoice_exception": True})
-    [exc] = reconcile.check(status, strict, due).exceptions
+    [exc] = timed_rules.check(status, strict, due).exceptions
     assert exc["reason_code"] == "overdue_invoice" and exc["amount_at_risk_cents"] == 25_000
 
 
@@ -214,12 +214,12 @@ def test_same_facts_and_same_now_give_the_same_exceptions(hours, policy, invoice
         if reported_as:
             confirm.record_outcome(status, reported(cid, reported_as))
     now = T + hours * H  # the fake clock
-    first = reconcile.check(clone(status), CFG, now)
-    again = reconcile.check(clone(status), CFG, now)
+    first = timed_rules.check(clone(status), CFG, now)
+    again = timed_rules.check(clone(status), CFG, now)
     assert json.dumps(first.exceptions, sort_keys=True) == json.dumps(again.exceptions, sort_keys=True)
     assert first.status["exceptions"].keys() == again.status["exceptions"].keys()
     # checking again at the same time changes nothing: no exception opens, updates or closes twice
-    steady = reconcile.check(first.status, CFG, now)
+    steady = timed_rules.check(first.status, CFG, now)
     assert (steady.exceptions, steady.updated, steady.resolved) == ([], [], [])
     nd = first.facts["next_due"]
     assert nd is None or nd > now
