@@ -31,8 +31,9 @@ class InProcess:
         self.pipeline = Pipeline(self.codec, lambda s, e, n: rules.decide(s, e, self.cfg, n), routing.route,
                                  gap_wait_ms=gap_wait_ms, clock=lambda: self.clock["now"], parks=routing.parks,
                                  act=lambda s, a, n: rules.act(s, a, self.cfg, n))
-        self.loop = Reconciler(self.pipeline, self.cfg, budget, check_delay_ms)
         self.cursors: dict[bytes, Any] = {}
+        self.deadlines: dict[bytes, Any] = {}  # the reconciler's index, kept apart so statuses holds only customers
+        self.loop = Reconciler(self.pipeline, self.cfg, budget, check_delay_ms, index=self.deadlines)
         self.statuses: dict[bytes, Any] = {}
         self.out: list[Out] = []
         self.offsets: dict[str, int] = {}

@@ -50,8 +50,10 @@ def is_index_key(key: bytes) -> bool:
 class Reconciler:
     """Outcome records, ticks and the deadline index, around ``pipeline.decide``."""
 
-    def __init__(self, pipeline: Pipeline, cfg: FlowConfig, budget: int = 500, delay_ms: int = 30_000) -> None:
+    def __init__(self, pipeline: Pipeline, cfg: FlowConfig, budget: int = 500, delay_ms: int = 30_000,
+                 index: MutableMapping[bytes, Any] | None = None) -> None:
         self.pipeline = pipeline
+        self.index = index  # None: the index lives in the status table itself (the worker, for its changelog)
         self.cfg = cfg
         self.budget = budget
         self.delay_ms = delay_ms
@@ -120,39 +122,42 @@ class Reconciler:
 
     # ---- the deadline index -----------------------------------------------------------------------
     def _schedule(self, partition: int, key: bytes, status: dict[str, Any], at: int | None,
-                  statuses: MutableMapping[bytes, Any]) -> None:
+                  statuses: MutableMapping[bytes, Any], store: bool = True) -> None:
         """Put customer ``key`` in the index at ``at`` (None: take it out), moving it from where it was."""
         old = status.get("next_check")
         if old == at:
             return
         ckey = key.decode()
-        directory = dict(statuses.get(directory_key(partition)) or {})
+        idx = statuses if self.index is None else self.index
+        directory = dict(idx.get(directory_key(partition)) or {})
         if old is not None:
             slot = slot_of(old)
-            bucket = dict(statuses.get(bucket_key(partition, slot)) or {})
+            bucket = dict(idx.get(bucket_key(partition, slot)) or {})
             bucket.pop(ckey, None)
-            statuses[bucket_key(partition, slot)] = bucket
+            idx[bucket_key(partition, slot)] = bucket
             if not bucket:
                 directory.pop(str(slot), None)
         if at is not None:
             slot = slot_of(at)
-            bucket = dict(statuses.get(bucket_key(partition, slot)) or {})
+            bucket = dict(idx.get(bucket_key(partition, slot)) or {})
             bucket[ckey] = at
-            statuses[bucket_key(partition, slot)] = bucket
+            idx[bucket_key(partition, slot)] = bucket
             # the slot's earliest entry: it may only be too early (removals do not raise it), never too late
             directory[str(slot)] = min(at, directory.get(str(slot), at))
-        statuses[directory_key(partition)] = directory
+        idx[directory_key(partition)] = directory
         status["next_check"] = at
-        statuses[key] = status
+        if store:
+            statuses[key] = status
 
     def due(self, partition: int, statuses: MutableMapping[bytes, Any], now: int) -> list[tuple[int, str]]:
         """Up to ``budget`` customers of ``partition`` due at ``now``, earliest first."""
-        directory = statuses.get(directory_key(partition)) or {}
+        idx = statuses if self.index is None else self.index
+        directory = idx.get(directory_key(partition)) or {}
         out: list[tuple[int, str]] = []
         for earliest, slot in sorted((at, int(s)) for s, at in directory.items()):
             if earliest > now or len(out) >= self.budget:
                 break
-            bucket = statuses.get(bucket_key(partition, slot)) or {}
+            bucket = idx.get(bucket_key(partition, slot)) or {}
             out += sorted((at, ck) for ck, at in bucket.items() if at <= now)
         return sorted(out)[: self.budget]
 
@@ -162,11 +167,11 @@ class Reconciler:
         outs: list[Out] = []
         opened: list[str] = []
         checked = 0
-        for _, ckey in self.due(rec.partition, statuses, now):
+        for at, ckey in self.due(rec.partition, statuses, now):
             key = ckey.encode()
             status = statuses.get(key)
-            if not isinstance(status, dict):
-                self._schedule(rec.partition, key, {"next_check": None}, None, statuses)
+            if not isinstance(status, dict):  # no such customer (any more): only its index entry goes
+                self._schedule(rec.partition, key, {"next_check": at}, None, statuses, store=False)
                 continue
             outcome = timed_rules.check(status, self.cfg, now)
             checked += 1
@@ -190,19 +195,21 @@ class Reconciler:
     def _overdue(self, partition: int, ckey: str, status: dict[str, Any],
                  statuses: MutableMapping[bytes, Any]) -> None:
         """Keep the partition's overdue cents per customer beside the index, for the finance gauge."""
+        idx = statuses if self.index is None else self.index
         key = f"\x00deadlines:{partition}:overdue".encode()
-        current = statuses.get(key) or {}
+        current = idx.get(key) or {}
         cents = sum((status.get("overdue") or {}).values())
         if current.get(ckey, 0) == cents:
             return
         updated = {k: v for k, v in current.items() if k != ckey}
         if cents:
             updated[ckey] = cents
-        statuses[key] = updated
+        idx[key] = updated
 
     def overdue_cents(self, partitions: list[int], statuses: Any) -> int:
         """Cents past due, unpaid, over the customers of ``partitions``."""
-        return sum(sum((statuses.get(f"\x00deadlines:{p}:overdue".encode()) or {}).values()) for p in partitions)
+        idx = statuses if self.index is None else self.index
+        return sum(sum((idx.get(f"\x00deadlines:{p}:overdue".encode()) or {}).values()) for p in partitions)
 
 
 def measure_money(records: Any) -> None:

@@ -9,7 +9,6 @@ from concord.domain.flow_config import load_flow_config
 from concord.domain.rules import decide
 from concord.domain.status import clone
 from concord.runtime.harness import InProcess
-from concord.runtime.reconciler import is_index_key
 from concord.tools.simulator import business
 
 CFG = load_flow_config()
@@ -57,8 +56,7 @@ def run(events):
 def outcome(h):
     """The final status table and command ids; an exception's source coordinates depend on arrival, not state."""
     statuses = {k: {**v, "exceptions": {e: {f: x for f, x in o.items() if f != "original"}
-                                        for e, o in v["exceptions"].items()}} for k, v in h.statuses.items()
-                if not is_index_key(k)}  # the reconciler's deadline index lives in the same table
+                                        for e, o in v["exceptions"].items()}} for k, v in h.statuses.items()}
     return statuses, sorted(c["command_id"] for c in h.commands())
 
 

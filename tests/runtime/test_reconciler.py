@@ -48,5 +48,6 @@ def test_the_index_holds_only_customers_with_a_pending_deadline():
     h.feed_event(ev.change_event("customer", "c1", 1, ev.customer("c1", account="a1"), "c1", at=T))
     h.reconcile()
     # a customer with nothing that could fall due leaves the index once looked at
-    assert all(not v for k, v in h.statuses.items() if k.startswith(b"\x00deadlines:0:"))
-    assert h.statuses[directory_key(0)] == {}
+    assert all(not v for k, v in h.deadlines.items() if k.startswith(b"\x00deadlines:0:"))
+    assert h.deadlines[directory_key(0)] == {}
+    assert set(h.statuses) == {b"c1"}, "the harness keeps the index apart from the statuses"
