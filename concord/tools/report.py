@@ -128,7 +128,8 @@ class Report:
     def to_dict(self) -> dict[str, Any]:
         """The report as JSON-ready data."""
         return {
-            "closed_loop": self.closed_loop(), "unbilled_work": self.unbilled(), "kpi": self.kpi(),
+            "summary": loop_lines(self), "closed_loop": self.closed_loop(), "unbilled_work": self.unbilled(),
+            "kpi": self.kpi(),
             "published": self.published, "outcomes": dict(self.outcomes), "unaccounted": self.unaccounted,
             "released_after_park": self.released_after_park,
             "by_fault": {k: dict(v) for k, v in sorted(self.by_fault.items())},
