@@ -223,8 +223,8 @@ def measure_money(records: Any) -> None:
         currency = rec.get("currency") or "unknown"
         labels = (rec["owner"], rec["reason_code"], currency)
         at_risk[labels] = at_risk.get(labels, 0) + cents
-        if rec["reason_code"] == "unbilled_work":
-            unbilled[currency] = unbilled.get(currency, 0) + cents
+        # every currency money is at risk in has an unbilled figure, zero until work goes unbilled
+        unbilled[currency] = unbilled.get(currency, 0) + (cents if rec["reason_code"] == "unbilled_work" else 0)
     for labels in list(_SEEN_AT_RISK - set(at_risk)):
         metrics.REVENUE_AT_RISK.labels(*labels).set(0)
     for labels, cents in at_risk.items():

@@ -87,7 +87,9 @@ def business(rng: random.Random, customers: int, days: int, start: int, prefix: 
     """
     rates = {**DEFAULT_FAULTS, **(faults or {})}
     # The losses draw from their own stream, so the rest of a seed's history stays what it always was.
-    lossy = random.Random(f"losses:{prefix}:{customers}:{days}:{start}")
+    # Seeded from the main stream's state without drawing from it (int and tuple hashes are not salted), so the
+    # same seed loses the same things whatever the prefix.
+    lossy = random.Random(hash(rng.getstate()))
     losses = injected if injected is not None else {}
     for kind in ("lost_invoice", "unbilled_job", "amount_changed"):
         losses.setdefault(kind, [])
