@@ -98,11 +98,16 @@ AUDIT = TopicSpec("audit.decisions", "decision", "trace_id", "every decision Con
 CONFIG_CHANGES = TopicSpec("audit.config_changes", "config_change", "the new configuration digest",
                            "applied flow and routing configuration changes: who approved, when, what they change",
                            partitions=1)
+INTERNAL_DEADLETTERS = tuple(
+    TopicSpec(deadletter_topic(t.name), "dead_letter", "original key", f"records of {t.name} a worker could not "
+              "use, with the original bytes")
+    for t in (GUARD_CONTROLS, ACCEPTED, EXCEPTION_ACTIONS, *EXCEPTIONS)
+)
 
 ALL: tuple[TopicSpec, ...] = (
     *CHANGES, *DEADLETTERS, *INGEST_DEADLETTERS, ACCEPTED, GUARD_CONTROLS, *COMMANDS, *COMMAND_DEADLETTERS,
     *EXCEPTIONS,
-    EXCEPTION_ACTIONS, COMMAND_OUTCOMES, AUDIT, CONFIG_CHANGES,
+    EXCEPTION_ACTIONS, COMMAND_OUTCOMES, AUDIT, CONFIG_CHANGES, *INTERNAL_DEADLETTERS,
 )
 # What a worker's consumer group reads: stage one, stage two and the exception tracker.
 WORKER_INPUTS: tuple[str, ...] = (

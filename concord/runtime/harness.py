@@ -18,7 +18,13 @@ from concord.runtime.reconciler import Reconciler
 
 
 class InProcess:
-    """Feed encoded change records; read what the topology produced and the tables it left."""
+    """Feed encoded records on any topic a worker reads; read what the topology produced and the tables it left.
+
+    Records reach the stage the worker runs for their topic (changes.* and guard.controls: the guard;
+    accepted.changes, actions.exceptions and outcomes.commands: the status table with the reconciler around it;
+    exceptions.*: exception tracking), and what a
+    stage produces on accepted.changes or an exceptions queue is fed on, as the broker would.
+    """
 
     def __init__(self, cfg: FlowConfig | None = None, routing: Routing | None = None, now: int = 0,
                  gap_wait_ms: int = 1000, budget: int = 500, check_delay_ms: int = 0) -> None:
@@ -32,16 +38,19 @@ class InProcess:
                                  gap_wait_ms=gap_wait_ms, clock=lambda: self.clock["now"], parks=routing.parks,
                                  act=lambda s, a, n: rules.act(s, a, self.cfg, n))
         self.cursors: dict[bytes, Any] = {}
+        self.statuses: dict[bytes, Any] = {}
+        self.exception_records: dict[bytes, Any] = {}
         self.deadlines: dict[bytes, Any] = {}  # the reconciler's index, kept apart so statuses holds only customers
         self.loop = Reconciler(self.pipeline, self.cfg, budget, check_delay_ms, index=self.deadlines)
-        self.statuses: dict[bytes, Any] = {}
         self.out: list[Out] = []
-        self.offsets: dict[str, int] = {}
+        self.offsets: dict[tuple[str, int], int] = {}  # (topic, partition) -> last offset fed
 
-    def feed(self, topic: str, key: bytes, value: bytes) -> None:
-        """One record arrives on a changes topic."""
-        offset = self.offsets[topic] = self.offsets.get(topic, -1) + 1
-        self._run(self.pipeline.guard(Record(topic, 0, offset, key, value), self.cursors))
+    def feed(self, topic: str, key: bytes | None, value: bytes | None, partition: int = 0,
+             headers: dict[str, bytes] | None = None) -> Record:
+        """One record arrives on ``topic``; returns it as the stage saw it (with its offset)."""
+        rec = Record(topic, partition, self._next_offset(topic, partition), key, value, headers or {})
+        self._run(self._stage(rec))
+        return rec
 
     def feed_event(self, event: dict[str, Any]) -> None:
         """Encode and feed one canonical event on its topic."""
@@ -50,34 +59,38 @@ class InProcess:
 
     def act(self, action: dict[str, Any]) -> None:
         """An owner's action arrives (see schemas/action.avsc)."""
-        offset = self.offsets[topics.EXCEPTION_ACTIONS.name] = self.offsets.get(topics.EXCEPTION_ACTIONS.name, -1) + 1
-        self._run(self.loop.step(Record(topics.EXCEPTION_ACTIONS.name, 0, offset,
-                                        action["customer_key"].encode(), self.codec.encode("action", action)),
-                                 self.statuses))
-
-    def report(self, outcome: dict[str, Any]) -> None:
-        """An adapter's outcome of one command arrives (see schemas/command_outcome.avsc)."""
-        key = (outcome["customer_id"] or f"unknown:{outcome['entity_type']}:{outcome['entity_id']}").encode()
-        self._loop(key, self.codec.encode("command_outcome", outcome))
-
-    def reconcile(self) -> None:
-        """A tick of the time-driven rules on the (single) partition."""
-        self._loop(b"", self.loop.tick_record(self.clock["now"]))
-
-    def _loop(self, key: bytes, value: bytes) -> None:
-        name = topics.COMMAND_OUTCOMES.name
-        offset = self.offsets[name] = self.offsets.get(name, -1) + 1
-        self._run(self.loop.step(Record(name, 0, offset, key, value), self.statuses))
+        self.feed(topics.EXCEPTION_ACTIONS.name, action["customer_key"].encode(), self.codec.encode("action", action))
 
     def tick(self) -> None:
         """A timer tick on the guard's partition."""
         self._run(self.pipeline.tick(0, self.cursors))
 
+    def report(self, outcome: dict[str, Any]) -> None:
+        """An adapter's outcome of one command arrives (see schemas/command_outcome.avsc)."""
+        key = (outcome["customer_id"] or f"unknown:{outcome['entity_type']}:{outcome['entity_id']}").encode()
+        self.feed(topics.COMMAND_OUTCOMES.name, key, self.codec.encode("command_outcome", outcome))
+
+    def reconcile(self) -> None:
+        """A tick of the time-driven rules on the (single) partition."""
+        self.feed(topics.COMMAND_OUTCOMES.name, b"", self.loop.tick_record(self.clock["now"]))
+
+    def _next_offset(self, topic: str, partition: int) -> int:
+        offset = self.offsets[(topic, partition)] = self.offsets.get((topic, partition), -1) + 1
+        return offset
+
+    def _stage(self, rec: Record) -> list[Out]:
+        if rec.topic in (topics.ACCEPTED.name, topics.EXCEPTION_ACTIONS.name, topics.COMMAND_OUTCOMES.name):
+            return self.loop.step(rec, self.statuses)
+        if rec.topic in _EXCEPTION_QUEUES:
+            return self.pipeline.track(rec, self.exception_records)
+        return self.pipeline.guard(rec, self.cursors)
+
     def _run(self, outs: list[Out]) -> None:
         for o in outs:
             self.out.append(o)
-            if o.topic == topics.ACCEPTED.name:
-                self._run(self.loop.step(Record(o.topic, 0, 0, o.key, o.value, dict(o.headers)), self.statuses))
+            if o.topic == topics.ACCEPTED.name or o.topic in _EXCEPTION_QUEUES:
+                rec = Record(o.topic, 0, self._next_offset(o.topic, 0), o.key, o.value, dict(o.headers))
+                self._run(self._stage(rec))
 
     def records(self, where: Callable[[str], bool]) -> list[dict[str, Any]]:
         """Decoded records produced on topics ``where`` accepts, in order."""
@@ -90,3 +103,10 @@ class InProcess:
     def exceptions(self) -> list[dict[str, Any]]:
         """Every exception record produced (opened and resolved)."""
         return self.records(lambda t: t.startswith("exceptions."))
+
+    def dead_letters(self) -> list[Out]:
+        """Every dead letter produced, each with its typed ``dead_letter``."""
+        return [o for o in self.out if o.dead_letter is not None]
+
+
+_EXCEPTION_QUEUES = frozenset(t.name for t in topics.EXCEPTIONS)

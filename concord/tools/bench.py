@@ -24,7 +24,9 @@ from concord.contracts import topics
 from concord.contracts.codec import Codec
 from concord.runtime.broker import ensure_topics, free_port, open_broker
 from concord.runtime.producer import new_producer
+from concord.tools import bench_receiver
 from concord.tools.bench_audit import audit_line
+from concord.tools.bench_inbox import inbox_line
 from concord.tools.report import start_group_at_end
 
 
@@ -309,6 +311,7 @@ def run_bench(args: argparse.Namespace) -> int:
         say(f"publish-to-command latency at {args.rate:.0f}/s: p50 {p50:.0f} ms, p99 {p99:.0f} ms")
         two = measure_two_workers(bs, run, args.events, args.timeout)
         resume = measure_resume(bs, run, args.timeout)
+        bench_receiver.report(bs)
     from concord.tools.bench_core import core_eps, deep_ratio
 
     core = core_eps()
@@ -319,6 +322,7 @@ def run_bench(args: argparse.Namespace) -> int:
           f"ratio_ref={concord / ref:.2f} p50_ms={p50:.0f} p99_ms={p99:.0f} deep_ratio={deep:.2f} "
           f"core_eps={core:.0f} two_workers_eps={two:.0f} resume_s={resume:.1f}")
     print(audit_line())
+    print(inbox_line())
     return 0
 
 
