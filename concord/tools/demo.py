@@ -80,7 +80,7 @@ def wait_for_http(url: str, proc: subprocess.Popen | None = None, timeout: float
 def run_demo(args: argparse.Namespace) -> int:
     """Run the whole demo; returns 0 when every published record is accounted for."""
     from concord.tools.report import collect, end_offsets, render, watched_topics
-    from concord.tools.simulator import Simulator
+    from concord.tools.simulator import LOSSES, Simulator
 
     started = time.monotonic()
     state_dir = Path(args.state_dir)
@@ -99,7 +99,7 @@ def run_demo(args: argparse.Namespace) -> int:
                "CONCORD_CANARY_INTERVAL_S": "0"}  # the report is about the simulated business alone
         with worker_process(broker.bootstrap_servers, port, app_id, state_dir / "worker.log", env):
             say(f"worker up (metrics on http://127.0.0.1:{port}/metrics, log {state_dir / 'worker.log'})")
-            sim = Simulator(customers=args.customers, days=args.days, seed=args.seed)
+            sim = Simulator(customers=args.customers, days=args.days, seed=args.seed, faults=LOSSES)
             sim.history()  # fills sim.injected: the losses the target systems will show
             loop = TargetSystems(broker.bootstrap_servers, state_dir, app_id, sim, args.confirm_within)
             connector = None

@@ -37,7 +37,13 @@ DEFAULT_FAULTS = {
     "sequence_gap": 0.01,
     "undecodable": 0.005,
     "schema_invalid": 0.005,
-    # Losses only a closed loop catches (per billable deal or completed job; see Losses).
+    # Losses only a closed loop catches: none unless asked for (LOSSES), so other histories stay as they were.
+    "lost_invoice": 0.0,
+    "unbilled_job": 0.0,
+    "amount_changed": 0.0,
+}
+# The losses of the demo's month, per billable deal or completed job.
+LOSSES = {
     "lost_invoice": 0.03,  # billing takes create_invoice for an on_close deal and silently never creates it
     "unbilled_job": 0.04,  # dispatch completes a job that nobody ever invoices
     "amount_changed": 0.01,  # billing creates the invoice with a different amount than it was asked for
