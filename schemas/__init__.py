@@ -16,7 +16,8 @@ SCHEMA_DIR = Path(__file__).resolve().parent
 # Files that define named types other files use come first.
 SCHEMA_FILES: tuple[str, ...] = (
     "line", "customer", "deal", "job", "invoice", "payment",
-    "change_event", "command", "exception", "dead_letter", "decision", "control", "action", "config_change",
+    "change_event", "command", "command_outcome", "exception", "dead_letter", "decision", "control", "action",
+    "config_change",
 )
 _PRIMITIVES = {"null", "boolean", "int", "long", "float", "double", "bytes", "string"}
 

@@ -90,6 +90,10 @@ EXCEPTION_ACTIONS = TopicSpec(
     "actions.exceptions", "action", "customer_id (the status key)",
     "owners' acknowledgements, resolutions and discards, co-partitioned with accepted.changes",
 )
+COMMAND_OUTCOMES = TopicSpec(
+    "outcomes.commands", "command_outcome", "customer_id (the status key)",
+    "each command's outcome as its adapter reported it, co-partitioned with accepted.changes",
+)
 AUDIT = TopicSpec("audit.decisions", "decision", "trace_id", "every decision Concord made, with its reason")
 CONFIG_CHANGES = TopicSpec("audit.config_changes", "config_change", "the new configuration digest",
                            "applied flow and routing configuration changes: who approved, when, what they change",
@@ -103,11 +107,11 @@ INTERNAL_DEADLETTERS = tuple(
 ALL: tuple[TopicSpec, ...] = (
     *CHANGES, *DEADLETTERS, *INGEST_DEADLETTERS, ACCEPTED, GUARD_CONTROLS, *COMMANDS, *COMMAND_DEADLETTERS,
     *EXCEPTIONS,
-    EXCEPTION_ACTIONS, AUDIT, CONFIG_CHANGES, *INTERNAL_DEADLETTERS,
+    EXCEPTION_ACTIONS, COMMAND_OUTCOMES, AUDIT, CONFIG_CHANGES, *INTERNAL_DEADLETTERS,
 )
 # What a worker's consumer group reads: stage one, stage two and the exception tracker.
 WORKER_INPUTS: tuple[str, ...] = (
-    *(t.name for t in CHANGES), GUARD_CONTROLS.name, ACCEPTED.name, EXCEPTION_ACTIONS.name,
+    *(t.name for t in CHANGES), GUARD_CONTROLS.name, ACCEPTED.name, EXCEPTION_ACTIONS.name, COMMAND_OUTCOMES.name,
     *(t.name for t in EXCEPTIONS),
 )
 BY_NAME: dict[str, TopicSpec] = {t.name: t for t in ALL}

@@ -58,6 +58,11 @@ class FlowConfig(BaseModel):
     cancelled_after_invoice: Literal["void_invoice", "exception"] = "void_invoice"
     amount_tolerance: Tolerance = Tolerance()
     on_time_invoice_hours: float = Field(48, gt=0)
+    # Command type -> seconds the owning system has to show the change in its own feed; types not listed are
+    # not followed to confirmation (no feed of that system reflects them).
+    confirm_within_s: dict[str, float] = Field(default_factory=dict)
+    won_unbilled_hours: float = Field(72, gt=0)
+    overdue_invoice_exception: bool = False
     catalog: dict[str, CatalogItem]
     billing_directory: list[BillingAccount] = Field(default_factory=list)
 

@@ -104,6 +104,7 @@ class Routing(BaseModel):
             "suggestions": [{"field": s["field"], "value": str(s["value"]), "label": s.get("label", ""),
                              "score": float(s.get("score", 0.0))} for s in draft.get("suggestions", ())],
             "original": None, "resolution": None, "attempts": draft.get("attempts", 1),
+            "amount_at_risk_cents": draft.get("amount_at_risk_cents"), "currency": draft.get("currency"),
         }
 
 

@@ -12,10 +12,12 @@ import difflib
 import functools
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from concord.contracts.topics import SOURCE_OF
+from concord.domain import confirm
 from concord.domain.flow_config import FlowConfig
 from concord.domain.ids import command_id, stable_id
 from concord.domain.status import (
@@ -33,6 +35,9 @@ from concord.exceptions import ValidationError
 
 __all__ = ["Outcome", "act", "command_id", "decide", "empty_status", "stable_id"]
 CUSTOMER_FIELDS = ("billing_account_id", "billing_terms", "billing_policy", "email", "name", "billing_address")
+# Reasons only the time-driven rules (concord/domain/timed_rules.py) open and close.
+TIMED_REASONS = frozenset({"command_unconfirmed", "unbilled_work", "won_not_billed", "billing_drift",
+                           "overdue_invoice"})
 _META = ("event_id", "trace_id", "occurred_at", "seq", "deleted", "won", "issued", "position")
 
 
@@ -67,6 +72,7 @@ def settle(st: dict[str, Any], cfg: FlowConfig, now: int, event: dict[str, Any],
     issued = set(st["issued"])
     echo = event.get("caused_by_command_id")
     out = Outcome(st)
+    st.setdefault("commands", {})
     for cmd in commands:
         if cmd["command_id"] in issued:
             continue
@@ -75,36 +81,50 @@ def settle(st: dict[str, Any], cfg: FlowConfig, now: int, event: dict[str, Any],
             out.facts.setdefault("suppressed_echo", []).append(cmd["command_id"])
             continue  # the source made this change because we asked; telling it again would loop
         by_entity = cmd.pop("caused_by_entity")
-        cmd["payload"] = json.dumps(cmd["payload"], sort_keys=True)  # only now: most warranted ones were issued
+        payload = cmd["payload"]
+        cmd["payload"] = json.dumps(payload, sort_keys=True)  # only now: most warranted ones were issued
         out.commands.append({**cmd, "caused_by": sorted({event["event_id"], *by_entity}),
                              "trace_id": cmd["trace_id"] or event["trace_id"], "issued_at": now,
                              "source_occurred_at": event["occurred_at"]})
+        confirm.track(st, out.commands[-1], payload, cfg, now)
     st["issued"] = sorted(issued)
+    confirmed = confirm.observe(st, event, now)
+    if confirmed:
+        out.facts["confirmed"] = confirmed
+    sweep(st, exceptions, now, event, out, lambda reason: reason not in TIMED_REASONS)
+    if event["entity_type"] == "invoice" and not was_issued:
+        on_time = _invoiced_on_time(st, event["entity_id"], cfg)
+        if on_time is not None:
+            out.facts["invoice_on_time"] = on_time
+    return out
+
+
+def sweep(st: dict[str, Any], drafts: list[dict[str, Any]], now: int, event: dict[str, Any], out: Outcome,
+          owns: Callable[[str], bool]) -> None:
+    """Open, update and resolve the exceptions of the reasons ``owns`` accepts so that ``drafts`` are what is open."""
     discarded = st.get("discarded", {})
-    wanted = {d["exception_id"]: d for d in exceptions if d["exception_id"] not in discarded}
+    wanted = {d["exception_id"]: d for d in drafts if d["exception_id"] not in discarded}
     for eid, draft in wanted.items():
         digest = hashlib.blake2b(json.dumps([draft["message"], draft["suggestions"]], sort_keys=True).encode(),
                                  digest_size=8).hexdigest()
         known = st["exceptions"].get(eid)
         if known is None:
             st["exceptions"][eid] = {"reason_code": draft["reason_code"], "entity_type": draft["entity_type"],
-                                     "entity_id": draft["entity_id"], "opened_at": now, "digest": digest}
+                                     "entity_id": draft["entity_id"], "opened_at": now, "digest": digest,
+                                     "amount_at_risk_cents": draft.get("amount_at_risk_cents"),
+                                     "currency": draft.get("currency")}
             out.exceptions.append({**draft, "opened_at": now})
         elif known.get("digest") != digest:
-            known["digest"] = digest
+            known.update(digest=digest, amount_at_risk_cents=draft.get("amount_at_risk_cents"),
+                         currency=draft.get("currency"))
             out.updated.append({**draft, "opened_at": known["opened_at"]})
-    for eid in sorted(set(st["exceptions"]) - set(wanted)):
+    why = event.get("why") or f"{event['entity_type']} {event['entity_id']} changed"
+    for eid in sorted(e for e, entry in st["exceptions"].items() if e not in wanted and owns(entry["reason_code"])):
         gone = st["exceptions"].pop(eid)
         gone.pop("digest", None)  # "original" stays: the resolution record names the event it was raised on
         out.resolved.append({**gone, "exception_id": eid, "customer_id": st["customer_id"],
                              "trace_id": event["trace_id"], "source_system": SOURCE_OF.get(gone["entity_type"]),
-                             "message": f"resolved: the data now satisfies the rule ({event['entity_type']} "
-                                        f"{event['entity_id']} changed)"})
-    if event["entity_type"] == "invoice" and not was_issued:
-        on_time = _invoiced_on_time(st, event["entity_id"], cfg)
-        if on_time is not None:
-            out.facts["invoice_on_time"] = on_time
-    return out
+                             "message": f"resolved: the data now satisfies the rule ({why})"})
 
 
 # ---- owners' actions -----------------------------------------------------------------------------
@@ -468,13 +488,40 @@ def _command(ctype: str, target: str, st: dict[str, Any], entity_type: str, enti
 
 
 def _exception(reason: str, st: dict[str, Any], entity_type: str, entity_id: str, rec: dict[str, Any], message: str,
-               suggestions: list[dict[str, Any]]) -> dict[str, Any]:
+               suggestions: list[dict[str, Any]], key: tuple[str, ...] = (), amount: int | None = None,
+               currency: str | None = None) -> dict[str, Any]:
+    if amount is None:
+        amount, currency = _money(st, entity_type, rec)
     return {
-        "exception_id": stable_id(reason, entity_type, entity_id), "reason_code": reason,
+        "exception_id": stable_id(reason, entity_type, entity_id, *key), "reason_code": reason,
         "trace_id": rec.get("trace_id") or "", "source_system": SOURCE_OF.get(entity_type),
         "entity_type": entity_type, "entity_id": entity_id, "customer_id": st["customer_id"], "message": message,
-        "suggestions": suggestions, "caused_by": rec.get("event_id"),
+        "suggestions": suggestions, "caused_by": rec.get("event_id"), "amount_at_risk_cents": amount,
+        "currency": currency,
     }
+
+
+exception_draft = _exception  # the time-driven rules build their drafts the same way
+
+
+def is_billable_total(lines: list[dict[str, Any]], cfg: FlowConfig) -> int:
+    """The cents of the billable lines among ``lines``."""
+    return _total(lines, cfg)
+
+
+def _money(st: dict[str, Any], entity_type: str, rec: dict[str, Any]) -> tuple[int | None, str | None]:
+    """The money an entity's exception puts at risk, and its currency (None where no money is named)."""
+    if entity_type == "invoice":
+        return rec.get("amount_due_cents"), rec.get("currency")
+    if entity_type == "payment":
+        return rec.get("amount_cents"), rec.get("currency")
+    if entity_type == "deal":
+        return rec.get("amount_cents"), rec.get("currency")
+    if entity_type == "job":
+        lines = rec.get("lines") or []
+        deal = st["deals"].get(rec.get("deal_id") or "", {})
+        return sum(ln["quantity"] * ln["unit_price_cents"] for ln in lines) if lines else None, deal.get("currency")
+    return None, None
 
 
 def _invoiced_on_time(st: dict[str, Any], inv_id: str, cfg: FlowConfig) -> bool | None:

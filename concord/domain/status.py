@@ -31,7 +31,8 @@ def fork(status: dict[str, Any]) -> dict[str, Any]:
     far cheaper than a deep copy of a customer with many deals.
     """
     st = dict(status)
-    for name in ("deals", "jobs", "invoices", "payments", "seqs", "overrides", "discarded", "parked"):
+    for name in ("deals", "jobs", "invoices", "payments", "seqs", "overrides", "discarded", "parked", "commands",
+                 "overdue"):
         st[name] = dict(status.get(name) or {})
     st["exceptions"] = {k: dict(v) for k, v in status["exceptions"].items()}
     return st
@@ -50,6 +51,8 @@ def empty_status(customer_key: str) -> dict[str, Any]:
         "overrides": {},  # owners' patches: "<entity_type>:<entity_id>" -> {field: value}
         "discarded": {},  # exceptions an owner discarded: id -> reason (never raised again)
         "parked": {},  # "<entity_type>:<entity_id>" -> events waiting behind an open exception
+        "commands": {},  # command id -> its life: issued, applied (the adapter's report), confirmed
+        "overdue": {},  # invoice id -> cents still due past its due date (set by the time-driven rules)
     }
 
 

@@ -110,7 +110,8 @@ def _trace(args: argparse.Namespace) -> int:
     bootstrap = args.bootstrap or os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
     if not bootstrap:
         raise ConcordError("no broker: pass --bootstrap or set KAFKA_BOOTSTRAP_SERVERS")
-    names = [topics.AUDIT.name, *(t.name for t in topics.COMMANDS), *(t.name for t in topics.EXCEPTIONS)]
+    names = [topics.AUDIT.name, *(t.name for t in topics.COMMANDS), topics.COMMAND_OUTCOMES.name,
+             *(t.name for t in topics.EXCEPTIONS)]
     c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"concord-trace-{uuid.uuid4().hex[:8]}",
                   "enable.auto.commit": False})
     codec = Codec()
@@ -153,11 +154,17 @@ def _trace(args: argparse.Namespace) -> int:
 
 
 def _trace_row(topic: str, rec: dict[str, Any]) -> tuple[int, str]:
+    from concord.contracts import topics
     from concord.owners.desk import _ts
 
     if topic.startswith("commands."):
         return rec["issued_at"], f"{_ts(rec['issued_at'])}  command   {rec['type']} -> {rec['target_system']} " \
                                  f"{rec['entity_type']} {rec['entity_id']} ({rec['command_id'][:12]})"
+    if topic == topics.COMMAND_OUTCOMES.name:  # what the adapter reported; a "confirmed" decision follows
+        ref = f" -> {rec['target_ref']}" if rec["target_ref"] else ""
+        said = f": {rec['detail']}" if rec["detail"] else ""
+        return rec["reported_at"], f"{_ts(rec['reported_at'])}  outcome   {rec['type']} {rec['outcome']} by " \
+                                   f"{rec['adapter'] or rec['target_system']}{ref} ({rec['command_id'][:12]}){said}"
     if topic.startswith("exceptions."):
         who = rec.get("resolution") or {}
         by = f" by {who['by']}" + (f" patch {json.dumps(who.get('patch'))}" if who.get("patch") else "") \

@@ -14,18 +14,20 @@ from concord.contracts.codec import Codec
 from concord.domain.flow_config import FlowConfig, load_flow_config
 from concord.domain.routing import Routing, load_routing
 from concord.runtime.pipeline import Out, Pipeline, Record
+from concord.runtime.reconciler import Reconciler
 
 
 class InProcess:
     """Feed encoded records on any topic a worker reads; read what the topology produced and the tables it left.
 
     Records reach the stage the worker runs for their topic (changes.* and guard.controls: the guard;
-    accepted.changes and actions.exceptions: the status table; exceptions.*: exception tracking), and what a
+    accepted.changes, actions.exceptions and outcomes.commands: the status table with the reconciler around it;
+    exceptions.*: exception tracking), and what a
     stage produces on accepted.changes or an exceptions queue is fed on, as the broker would.
     """
 
     def __init__(self, cfg: FlowConfig | None = None, routing: Routing | None = None, now: int = 0,
-                 gap_wait_ms: int = 1000) -> None:
+                 gap_wait_ms: int = 1000, budget: int = 500, check_delay_ms: int = 0) -> None:
         from concord.domain import rules
 
         self.cfg = cfg or load_flow_config()
@@ -38,6 +40,8 @@ class InProcess:
         self.cursors: dict[bytes, Any] = {}
         self.statuses: dict[bytes, Any] = {}
         self.exception_records: dict[bytes, Any] = {}
+        self.deadlines: dict[bytes, Any] = {}  # the reconciler's index, kept apart so statuses holds only customers
+        self.loop = Reconciler(self.pipeline, self.cfg, budget, check_delay_ms, index=self.deadlines)
         self.out: list[Out] = []
         self.offsets: dict[tuple[str, int], int] = {}  # (topic, partition) -> last offset fed
 
@@ -61,13 +65,22 @@ class InProcess:
         """A timer tick on the guard's partition."""
         self._run(self.pipeline.tick(0, self.cursors))
 
+    def report(self, outcome: dict[str, Any]) -> None:
+        """An adapter's outcome of one command arrives (see schemas/command_outcome.avsc)."""
+        key = (outcome["customer_id"] or f"unknown:{outcome['entity_type']}:{outcome['entity_id']}").encode()
+        self.feed(topics.COMMAND_OUTCOMES.name, key, self.codec.encode("command_outcome", outcome))
+
+    def reconcile(self) -> None:
+        """A tick of the time-driven rules on the (single) partition."""
+        self.feed(topics.COMMAND_OUTCOMES.name, b"", self.loop.tick_record(self.clock["now"]))
+
     def _next_offset(self, topic: str, partition: int) -> int:
         offset = self.offsets[(topic, partition)] = self.offsets.get((topic, partition), -1) + 1
         return offset
 
     def _stage(self, rec: Record) -> list[Out]:
-        if rec.topic in (topics.ACCEPTED.name, topics.EXCEPTION_ACTIONS.name):
-            return self.pipeline.decide(rec, self.statuses)
+        if rec.topic in (topics.ACCEPTED.name, topics.EXCEPTION_ACTIONS.name, topics.COMMAND_OUTCOMES.name):
+            return self.loop.step(rec, self.statuses)
         if rec.topic in _EXCEPTION_QUEUES:
             return self.pipeline.track(rec, self.exception_records)
         return self.pipeline.guard(rec, self.cursors)

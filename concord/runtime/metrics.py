@@ -65,6 +65,26 @@ CANARY_RUNS = Counter(
 INGESTED = Counter(
     "concord_ingested_total", "Native records taken in by a connector, by source and outcome (published, "
     "duplicate, rejected).", ["source", "outcome"], registry=REGISTRY)
+COMMAND_OUTCOMES = Counter(
+    "concord_command_outcomes_total", "Command outcomes the adapters reported, by target, type and outcome "
+    "(applied, duplicate, rejected, failed).", ["target", "type", "outcome"], registry=REGISTRY)
+COMMANDS_CONFIRMED = Counter(
+    "concord_commands_confirmed_total", "Commands the owning system's own change events confirmed, by target and "
+    "type.", ["target", "type"], registry=REGISTRY)
+CONFIRMATION_SECONDS = Histogram(
+    "concord_command_confirmation_seconds", "Time from a command issued to its confirmation by the target's feed.",
+    ["type"], registry=REGISTRY, buckets=(0.1, 0.5, 1, 5, 15, 60, 300, 900, 1800, 3600, 4 * 3600, 24 * 3600))
+RECONCILE_CHECKS = Counter(
+    "concord_reconcile_checks_total", "Customers the time-driven rules looked at.", registry=REGISTRY)
+REVENUE_AT_RISK = Gauge(
+    "concord_revenue_at_risk_cents", "Money held up by open exceptions, by owner, reason and currency.",
+    ["owner", "reason", "currency"], registry=REGISTRY)
+UNBILLED_WORK = Gauge(
+    "concord_unbilled_work_cents", "Completed work not invoiced within policy (open unbilled_work), by currency.",
+    ["currency"], registry=REGISTRY)
+OVERDUE_INVOICES = Gauge(
+    "concord_overdue_invoices_cents", "Cents due on issued invoices past their due date and unpaid.",
+    registry=REGISTRY)
 CONFIG_INFO = Gauge(
     "concord_config_info", "The flow and routing configuration this process runs: 1, labelled by its digest.",
     ["digest"], registry=REGISTRY)

@@ -30,6 +30,9 @@ _ENV = {
     "sla_check_interval_s": "CONCORD_SLA_CHECK_INTERVAL_S",
     "gauge_interval_s": "CONCORD_GAUGE_INTERVAL_S",
     "canary_interval_s": "CONCORD_CANARY_INTERVAL_S",
+    "reconcile_interval_s": "CONCORD_RECONCILE_INTERVAL_S",
+    "reconcile_budget": "CONCORD_RECONCILE_BUDGET",
+    "reconcile_delay_s": "CONCORD_RECONCILE_DELAY_S",
 }
 
 
@@ -57,6 +60,9 @@ class Settings(BaseModel):
     sla_check_interval_s: float = Field(1.0, gt=0, description="how often SLA deadlines are checked")
     gauge_interval_s: float = Field(2.0, gt=0, description="how often gauges are read from the tables")
     canary_interval_s: float = Field(60.0, ge=0, description="seconds between canary flows; 0 turns the canary off")
+    reconcile_interval_s: float = Field(5.0, gt=0, description="how often the time-driven rules run per partition")
+    reconcile_budget: int = Field(500, ge=1, description="customers checked per partition per run")
+    reconcile_delay_s: float = Field(30.0, ge=0, description="how long after a change its customer is re-checked")
 
     def credentials(self) -> dict[str, str]:
         """Token -> owner team, from CONCORD_OWNER_TOKENS or CONCORD_OWNER_TOKENS_FILE (never from the repo)."""

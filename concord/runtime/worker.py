@@ -24,6 +24,7 @@ from concord.runtime.indexes import TableIndex, open_exception, parked_in_cursor
 from concord.runtime.offsets import PROCESS, SEEK, OffsetLedger
 from concord.runtime.pipeline import Out, Pipeline, Record
 from concord.runtime.producer import Outgoing, Outputs
+from concord.runtime.reconciler import reconciler_for, tick_partitions
 from concord.runtime.settings import Settings
 from concord.runtime.web import register_views
 
@@ -87,7 +88,8 @@ def build_app(settings: Settings, pipeline: Pipeline | None = None) -> faust.App
     app.pipeline = pipeline  # type: ignore[attr-defined]
     raw = {"key_serializer": "raw", "value_serializer": "raw"}
     changes = app.topic(*(t.name for t in topics.CHANGES), topics.GUARD_CONTROLS.name, **raw)
-    accepted = app.topic(topics.ACCEPTED.name, topics.EXCEPTION_ACTIONS.name, **raw)
+    accepted = app.topic(topics.ACCEPTED.name, topics.EXCEPTION_ACTIONS.name, topics.COMMAND_OUTCOMES.name, **raw)
+    outcomes = app.topic(topics.COMMAND_OUTCOMES.name, **raw)
     raised = app.topic(*(t.name for t in topics.EXCEPTIONS), **raw)
     # Raw (bytes) keys: faust takes a table's key serializer from its key type, not from a Schema, and defaults
     # to json; with bytes the changelog is keyed like the input topics, recovery reads the keys back, and web
@@ -197,7 +199,7 @@ def build_app(settings: Settings, pipeline: Pipeline | None = None) -> faust.App
     @app.agent(accepted, name="decide_changes")
     async def decide_changes(stream: Any) -> None:
         """Apply accepted events to the customer status table and issue commands and exceptions."""
-        await run_batches(stream, lambda event, view: pipeline.decide(_record(event), view), customer_to_status,
+        await run_batches(stream, lambda event, view: closed_loop.step(_record(event), view), customer_to_status,
                           "decide_changes")
 
     @app.agent(raised, name="track_exceptions")
@@ -217,6 +219,14 @@ def build_app(settings: Settings, pipeline: Pipeline | None = None) -> faust.App
                     and key not in escalating:
                 escalating.add(key)
                 await send_all(pipeline.escalation(wire_record(rec), now))
+
+    # The closed loop (concord/runtime/reconciler.py): outcomes, confirmations and the time-driven rules.
+    closed_loop = reconciler_for(settings, pipeline)
+
+    @app.timer(interval=settings.reconcile_interval_s)
+    async def reconcile_due() -> None:
+        """Run the time-driven rules on every assigned partition; set the revenue-at-risk gauges."""
+        await tick_partitions(app, closed_loop, outcomes, exception_to_record, customer_to_status)
 
     @app.task
     async def run_canary() -> None:

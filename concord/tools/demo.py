@@ -10,6 +10,7 @@ import secrets
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -79,7 +80,7 @@ def wait_for_http(url: str, proc: subprocess.Popen | None = None, timeout: float
 def run_demo(args: argparse.Namespace) -> int:
     """Run the whole demo; returns 0 when every published record is accounted for."""
     from concord.tools.report import collect, end_offsets, render, watched_topics
-    from concord.tools.simulator import Simulator
+    from concord.tools.simulator import LOSSES, Simulator
 
     started = time.monotonic()
     state_dir = Path(args.state_dir)
@@ -89,13 +90,18 @@ def run_demo(args: argparse.Namespace) -> int:
         port = args.web_port or free_port()
         app_id = f"concord-demo-{int(time.time())}"
         tokens = {team: secrets.token_urlsafe(24) for team in OWNERS}  # this run's owner credentials only
+        flows = demo_flows(state_dir, args.confirm_within)
         env = {"CONCORD_GAP_WAIT_S": str(args.gap_wait), "CONCORD_SLA_SCALE": str(args.sla_scale),
+               "CONCORD_FLOWS": str(flows), "CONCORD_RECONCILE_INTERVAL_S": "1",
+               "CONCORD_RECONCILE_DELAY_S": str(args.confirm_within),
                "CONCORD_OWNER_TOKENS": ",".join(f"{t}={k}" for t, k in tokens.items()),
                "CONCORD_DATA_DIR": str(state_dir / "state"),
                "CONCORD_CANARY_INTERVAL_S": "0"}  # the report is about the simulated business alone
         with worker_process(broker.bootstrap_servers, port, app_id, state_dir / "worker.log", env):
             say(f"worker up (metrics on http://127.0.0.1:{port}/metrics, log {state_dir / 'worker.log'})")
-            sim = Simulator(customers=args.customers, days=args.days, seed=args.seed)
+            sim = Simulator(customers=args.customers, days=args.days, seed=args.seed, faults=LOSSES)
+            sim.history()  # fills sim.injected: the losses the target systems will show
+            loop = TargetSystems(broker.bootstrap_servers, state_dir, app_id, sim, args.confirm_within)
             connector = None
             if args.native:  # the vendors' formats, through the real inbound connectors
                 from concord.tools.native import NativeFeed, ingest
@@ -113,14 +119,21 @@ def run_demo(args: argparse.Namespace) -> int:
                 since = end_offsets(broker.bootstrap_servers, watched_topics())
                 published = sim.publish(broker.bootstrap_servers, records, progress=_progress("published"))
                 sample = _sample_customer(records)
-            report = collect(broker.bootstrap_servers, published, since, timeout=args.timeout,
-                             settle=args.gap_wait + 3, progress=_progress("accounted"), connector=connector)
-            fixed = resolve_sample(port, tokens, report, args.resolve)
-            if fixed:
-                say(f"resolved {len(fixed)} exceptions as their owners would (through the API); counting again")
-                report = collect(broker.bootstrap_servers, published, since, timeout=args.timeout, settle=2,
-                                 progress=_progress("recounted"), wait_for=set(fixed), connector=connector)
-                report.owner_resolved = fixed
+            try:
+                report = collect(broker.bootstrap_servers, published, since, timeout=args.timeout,
+                                 settle=args.gap_wait + 3, progress=_progress("accounted"), connector=connector,
+                                 follow=loop.followed, until=loop.settled)
+                fixed = resolve_sample(port, tokens, report, args.resolve)
+                if fixed:
+                    say(f"resolved {len(fixed)} exceptions as their owners would (through the API); counting again")
+                    report = collect(broker.bootstrap_servers, published, since, timeout=args.timeout, settle=2,
+                                     progress=_progress("recounted"), wait_for=set(fixed), connector=connector,
+                                     follow=loop.followed, until=loop.settled)
+                    report.owner_resolved = fixed
+            finally:
+                loop.stop()
+            report.injected = loop.injected()
+            report.on_time_invoicing = _on_time(port)
             if sample:
                 status = _status_of(port, sample)
                 say(f"concord status {sample}: {status}")
@@ -130,6 +143,101 @@ def run_demo(args: argparse.Namespace) -> int:
                 serve(broker.bootstrap_servers, port, tokens, state_dir)
         say(f"done in {time.monotonic() - started:.1f}s; stopping worker and broker")
     return 0 if report.unaccounted == 0 else 1
+
+
+def demo_flows(state_dir: Path, confirm_within: float) -> Path:
+    """flows.yaml with every confirmation deadline ``confirm_within`` seconds, so the demo sees them pass."""
+    import yaml
+
+    from concord.domain.flow_config import DEFAULT_PATH
+
+    flows = yaml.safe_load(DEFAULT_PATH.read_text())
+    flows["confirm_within_s"] = {ctype: confirm_within for ctype in flows.get("confirm_within_s") or {}}
+    state_dir.mkdir(parents=True, exist_ok=True)
+    path = state_dir / "flows.yaml"
+    path.write_text(yaml.safe_dump(flows, sort_keys=False))
+    return path
+
+
+class TargetSystems:
+    """The sandbox adapter as the target systems, losing what the simulator injects, echoing the CRM's feed."""
+
+    def __init__(self, bootstrap: str, state_dir: Path, app_id: str, sim: Any, confirm_within: float) -> None:
+        from concord.contracts.topics import TARGET_SYSTEMS
+        from concord.domain.flow_config import load_flow_config
+        from concord.tools.simulator import Echoes, LossyTarget
+        from connectors.outbound.consumer import Adapter
+
+        self.sim = sim
+        self.followed = frozenset(load_flow_config().confirm_within_s)
+        self.db = state_dir / f"sandbox-{app_id}.db"  # fresh each run: the same seed issues the same command ids
+        self.echoes = Echoes(bootstrap)
+        self.log = open(state_dir / "adapters.log", "a")  # noqa: SIM115 - closed in stop()
+        # SQLite connections stay in the thread that opened them: the target is made in the adapter's thread
+        self.target = LossyTarget.__new__(LossyTarget)
+        self.target.late, self.target.dropped = [], []
+        made = threading.Event()
+
+        def run() -> None:
+            self.target = LossyTarget(self.db, self.echoes, set(sim.injected["lost_invoice"]), seed=sim.seed,
+                                      late_s=confirm_within * 1.5 + 2)
+            self.adapter = Adapter(bootstrap, self.target, list(TARGET_SYSTEMS), group=f"{app_id}-adapters",
+                                   log=self.log)
+            made.set()
+            self.adapter.run()
+
+        self.thread = threading.Thread(target=run, name="concord-demo-adapters", daemon=True)
+        self.thread.start()
+        if not made.wait(30):
+            raise ConcordError("the demo's target systems did not start")
+
+    def settled(self, report: Any) -> bool:
+        """Every followed command confirmed or raised, and every late echo sent and seen confirmed."""
+        if self.echoes.pending:
+            return False
+        for cid, cmd in report.followed.items():
+            if cid in report.confirmed or report.loss_found("command", cid):
+                continue
+            if cmd["type"] == "create_invoice" and cmd["entity_type"] == "job" and report.loss_found(
+                    "unbilled_job", cmd["entity_id"]):
+                continue
+            return False
+        return all(cid in report.confirmed for cid in self.target.late)
+
+    def injected(self) -> dict[str, list[str]]:
+        """The losses put in, by kind: command ids for lost commands, invoice and job ids for the others."""
+        from concord.domain.ids import command_id
+
+        lost = [command_id("create_invoice", "billing", "deal", d) for d in self.sim.injected["lost_invoice"]]
+        late = set(self.target.late)
+        return {"lost_invoice": [c for c in lost if c in set(self.target.dropped)],
+                "crm_dropped": sorted(set(self.target.dropped) - set(lost)), "crm_late": sorted(late),
+                "amount_changed": list(self.sim.injected["amount_changed"]),
+                "unbilled_job": list(self.sim.injected["unbilled_job"])}
+
+    def stop(self) -> None:
+        """Stop the adapter and the echoes; remove this run's sandbox database."""
+        self.adapter.stop()
+        self.thread.join(20)
+        self.echoes.close()
+        self.log.close()
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{self.db}{suffix}").unlink(missing_ok=True)
+
+
+def _on_time(port: int) -> float | None:
+    """On-time invoicing as the worker counted it (concord_invoices_total), or None before any invoice."""
+    try:
+        text = wait_for_http(f"http://127.0.0.1:{port}/metrics", timeout=10).decode()
+    except ConcordError:
+        return None
+    counts = {"true": 0.0, "false": 0.0}
+    for line in text.splitlines():
+        if line.startswith("concord_invoices_total{"):
+            label = line.split('on_time="', 1)[1].split('"', 1)[0]
+            counts[label] = counts.get(label, 0.0) + float(line.rsplit(" ", 1)[1])
+    total = counts["true"] + counts["false"]
+    return round(counts["true"] / total, 3) if total else None
 
 
 def serve(bootstrap: str, port: int, tokens: dict[str, str], state_dir: Path) -> None:
@@ -234,6 +342,9 @@ def register(sub: Any) -> None:
     p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for every record's outcome")
     p.add_argument("--sla-scale", type=float, default=1 / 3600,
                    help="multiply every SLA by this, so SLAs run out during the demo (default 1/3600: 4h -> 4s)")
+    p.add_argument("--confirm-within", type=float, default=8.0,
+                   help="seconds the target systems have to confirm a command in the demo (default 8; production "
+                   "deadlines are in concord/config/flows.yaml)")
     p.add_argument("--resolve", type=int, default=3, help="exceptions per fixable reason the demo resolves "
                    "as their owner would (default 3)")
     p.add_argument("--web-port", type=int, default=0, help="worker web port (default: a free one)")

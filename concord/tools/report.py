@@ -13,6 +13,7 @@ from confluent_kafka import Consumer, TopicPartition
 
 from concord.contracts import topics
 from concord.contracts.codec import Codec
+from concord.domain.ids import stable_id
 from concord.tools.simulator import Published
 
 # Outcomes in the order the report lists them.
@@ -39,6 +40,11 @@ class Report:
     ingest_dead_letters: Counter = field(default_factory=Counter)  # (topic, stage) read from deadletter.ingest.*
     connector: Any = None  # concord.tools.native.Ingested when native records went through the connectors
     connector_missing: list[str] = field(default_factory=list)  # native records without a counted outcome
+    followed: dict[str, dict[str, str]] = field(default_factory=dict)  # command id -> type, entity of a followed one
+    adapter_outcomes: dict[str, str] = field(default_factory=dict)  # command id -> what its adapter last reported
+    confirmed: set[str] = field(default_factory=set)  # command ids an audit decision says the target confirmed
+    injected: dict[str, list[str]] = field(default_factory=dict)  # losses put in: kind -> command, job or invoice ids
+    on_time_invoicing: float | None = None  # the worker's concord_invoices_total, on time / all (not on the broker)
 
     @property
     def unaccounted(self) -> int:
@@ -69,9 +75,61 @@ class Report:
             row["mttr_s"] = round(sum(secs) / len(secs), 1) if secs else None
         return dict(sorted(out.items()))
 
+    def loss_found(self, kind: str, ref: str) -> bool:
+        """Whether an injected loss of ``kind`` (a command, invoice or job id) was raised as an exception."""
+        if kind == "amount_changed":
+            return stable_id("amount_mismatch", "invoice", ref) in self.lives
+        if kind == "unbilled_job":
+            return stable_id("unbilled_work", "job", ref) in self.lives
+        cmd = self.followed.get(ref)
+        return cmd is not None and stable_id("command_unconfirmed", cmd["entity_type"], cmd["entity_id"],
+                                             ref) in self.lives
+
+    def closed_loop(self) -> dict[str, Any]:
+        """issued, applied, confirmed and unconfirmed followed commands, and the injected losses found."""
+        losses = [(k, r) for k, refs in sorted(self.injected.items()) if k != "unbilled_job" for r in refs]
+        confirmed = len(self.confirmed & set(self.followed))
+        return {"issued": len(self.followed),
+                "applied": sum(self.adapter_outcomes.get(c) in ("applied", "duplicate") for c in self.followed),
+                "confirmed": confirmed, "unconfirmed": len(self.followed) - confirmed,
+                "injected_losses": len(losses), "injected_losses_found": sum(self.loss_found(k, r) for k, r in losses),
+                "missed": [f"{k} {r}" for k, r in losses if not self.loss_found(k, r)][:20]}
+
+    def unbilled(self) -> dict[str, Any]:
+        """Injected unbilled jobs found, and the money open unbilled_work exceptions hold, by currency."""
+        jobs = self.injected.get("unbilled_job", [])
+        return {"injected": len(jobs), "found": sum(self.loss_found("unbilled_job", j) for j in jobs),
+                "amount_cents": self._open_money("unbilled_work"),
+                "raised": sum(life["reason"] == "unbilled_work" for life in self.lives.values())}
+
+    def kpi(self) -> dict[str, Any]:
+        """The seed KPIs, counted from the exception records read back (on-time invoicing: the worker's counter)."""
+        lives = list(self.lives.values())
+        closed = [(life["closed_at"] - life["opened_at"]) / 1000 for life in lives if life["state"] == "resolved"]
+        by_people = sum(1 for life in lives if life["state"] == "discarded" or (
+            life["state"] == "resolved" and life["by"] != "concord"))
+        replayed = [e for e in self.owner_resolved if self.lives.get(e, {}).get("state") == "resolved"]
+        return {"exception_rate_per_1k": round(1000 * len(lives) / self.published, 1) if self.published else None,
+                "mttr_s": round(sum(closed) / len(closed), 1) if closed else None, "manual_handoffs": by_people,
+                "on_time_invoicing": self.on_time_invoicing,
+                "replay_success": round(len(replayed) / len(self.owner_resolved), 3) if self.owner_resolved else None,
+                "revenue_at_risk_cents": self._open_money(None)}
+
+    def _open_money(self, reason: str | None) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for life in self.lives.values():
+            if life["state"] in ("resolved", "discarded") or (reason and life["reason"] != reason):
+                continue
+            if life.get("amount") is not None:
+                cur = life.get("currency") or "unknown"
+                out[cur] = out.get(cur, 0) + life["amount"]
+        return dict(sorted(out.items()))
+
     def to_dict(self) -> dict[str, Any]:
         """The report as JSON-ready data."""
         return {
+            "summary": loop_lines(self), "closed_loop": self.closed_loop(), "unbilled_work": self.unbilled(),
+            "kpi": self.kpi(),
             "published": self.published, "outcomes": dict(self.outcomes), "unaccounted": self.unaccounted,
             "released_after_park": self.released_after_park,
             "by_fault": {k: dict(v) for k, v in sorted(self.by_fault.items())},
@@ -118,19 +176,23 @@ def start_group_at_end(bootstrap: str, group: str, names: list[str]) -> None:
 
 def watched_topics(native: bool = False) -> list[str]:
     """The topics the report reads: decisions, commands, exceptions and dead letters (and the connectors')."""
-    return [topics.AUDIT.name, *(t.name for t in topics.COMMANDS), *(t.name for t in topics.EXCEPTIONS),
+    return [topics.AUDIT.name, topics.COMMAND_OUTCOMES.name, *(t.name for t in topics.COMMANDS),
+            *(t.name for t in topics.EXCEPTIONS),
             *(t.name for t in topics.DEADLETTERS), *(t.name for t in topics.INGEST_DEADLETTERS if native)]
 
 
 def collect(bootstrap: str, published: list[Published], since: dict[tuple[str, int], int], timeout: float = 120,
             settle: float = 5.0, progress: Callable[[int, int], None] | None = None,
-            wait_for: set[str] | None = None, connector: Any = None) -> Report:
+            wait_for: set[str] | None = None, connector: Any = None, follow: Iterable[str] = (),
+            until: Callable[[Report], bool] | None = None) -> Report:
     """Read outputs from ``since`` until every published record has a decision and nothing new came for ``settle`` s.
 
     ``wait_for``: exception ids that must also be seen closed before the count ends. ``connector``: what the
     inbound connectors made of native records (``concord.tools.native.Ingested``); each of its dead letters must be
     read back from ``deadletter.ingest.*`` (include those topics in ``since``) to count as accounted for.
+    ``follow``: command types followed to confirmation; ``until``: a further condition on the report before it ends.
     """
+    follow = frozenset(follow)
     started = time.monotonic()
     codec = Codec()
     fates: dict[tuple[str, int, int], list[str]] = {(p.topic, p.partition, p.offset): [] for p in published}
@@ -149,15 +211,26 @@ def collect(bootstrap: str, published: list[Published], since: dict[tuple[str, i
             for m in batch:
                 if m.error():
                     continue
-                last_new = time.monotonic()
                 _, rec = codec.decode(m.value())
                 topic = m.topic()
+                if topic == topics.COMMAND_OUTCOMES.name and "command_id" not in rec:
+                    continue  # the timer's ticks share the topic: neither news nor an outcome
+                last_new = time.monotonic()
                 if topic == topics.AUDIT.name:
                     key = (rec["topic"], rec["partition"], rec["offset"])
-                    if key in fates:
+                    if rec["outcome"] == "confirmed":
+                        report.confirmed.update(rec["command_ids"])
+                    elif rec["outcome"] == "reconciled":
+                        pass  # a tick of the time-driven rules, not a published record's fate
+                    elif key in fates:
                         decided += not fates[key]
                         fates[key].append(rec["outcome"])
+                elif topic == topics.COMMAND_OUTCOMES.name:
+                    report.adapter_outcomes[rec["command_id"]] = rec["outcome"]
                 elif topic.startswith("commands."):
+                    if rec["type"] in follow:
+                        report.followed[rec["command_id"]] = {"type": rec["type"], "entity_type": rec["entity_type"],
+                                                              "entity_id": rec["entity_id"]}
                     report.commands[rec["type"]] += 1
                     report.duplicate_command_ids += rec["command_id"] in seen_commands
                     seen_commands.add(rec["command_id"])
@@ -172,7 +245,8 @@ def collect(bootstrap: str, published: list[Published], since: dict[tuple[str, i
             if progress:
                 progress(decided, len(fates))
             closed = all(report.lives.get(e, {}).get("state") in ("resolved", "discarded") for e in wait_for or ())
-            if decided == len(fates) and closed and seen_dl >= expected_dl and time.monotonic() - last_new >= settle:
+            if decided == len(fates) and closed and seen_dl >= expected_dl and time.monotonic() - last_new >= settle \
+                    and (until is None or until(report)):
                 break
     finally:
         c.close()
@@ -208,7 +282,9 @@ def _follow(lives: dict[str, dict[str, Any]], rec: dict[str, Any]) -> None:
     if life is None or rec["opened_at"] > life["opened_at"]:
         life = lives[rec["exception_id"]] = {"owner": owner, "reason": rec["reason_code"], "state": "open",
                                              "opened_at": rec["opened_at"], "escalated": 0, "by": None,
-                                             "closed_at": None, "updated_at": 0}
+                                             "closed_at": None, "updated_at": 0, "entity_id": rec["entity_id"]}
+    if rec.get("amount_at_risk_cents") is not None:
+        life["amount"], life["currency"] = rec["amount_at_risk_cents"], rec.get("currency")
     if rec["opened_at"] < life["opened_at"]:
         return  # an earlier life of the same id, closed before it was raised again
     if rec["state"] == "escalated":
@@ -254,8 +330,31 @@ def render(r: Report) -> str:
                      f"open {row['open']:>4}  MTTR {mttr}")
     lines += ["", "dead letters by stage: " + (", ".join(f"{k} {v}" for k, v in sorted(r.dead_letters.items()))
                                                or "none")]
+    lines += ["", *loop_lines(r)]
     lines.append(f"unaccounted: {r.unaccounted}")
     return "\n".join(lines)
+
+
+def _usd(cents: dict[str, int]) -> str:
+    return " + ".join(f"{cur} {v / 100:,.2f}" for cur, v in cents.items()) or "USD 0.00"
+
+
+def _fig(value: Any, digits: int = 3) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def loop_lines(r: Report) -> list[str]:
+    """The closed loop, unbilled work and the seed KPIs, one line each."""
+    loop, unbilled, kpi = r.closed_loop(), r.unbilled(), r.kpi()
+    lines = [f"closed loop: issued={loop['issued']} applied={loop['applied']} confirmed={loop['confirmed']} "
+             f"unconfirmed={loop['unconfirmed']} injected_losses_found={loop['injected_losses_found']}/"
+             f"{loop['injected_losses']}",
+             f"unbilled work: found={unbilled['found']}/{unbilled['injected']} amount={_usd(unbilled['amount_cents'])}",
+             f"kpi: exception_rate_per_1k={_fig(kpi['exception_rate_per_1k'], 1)} mttr_s={_fig(kpi['mttr_s'], 1)} "
+             f"manual_handoffs={kpi['manual_handoffs']} on_time_invoicing={_fig(kpi['on_time_invoicing'])} "
+             f"replay_success={_fig(kpi['replay_success'])} revenue_at_risk={_usd(kpi['revenue_at_risk_cents'])}"]
+    lines += [f"  missed: {m}" for m in loop["missed"]]
+    return lines
 
 
 def _render_connector(r: Report) -> list[str]:

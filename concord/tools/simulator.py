@@ -6,7 +6,10 @@
 
 from __future__ import annotations
 
+import heapq
 import random
+import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -34,7 +37,18 @@ DEFAULT_FAULTS = {
     "sequence_gap": 0.01,
     "undecodable": 0.005,
     "schema_invalid": 0.005,
+    # Losses only a closed loop catches: none unless asked for (LOSSES), so other histories stay as they were.
+    "lost_invoice": 0.0,
+    "unbilled_job": 0.0,
+    "amount_changed": 0.0,
 }
+# The losses of the demo's month, per billable deal or completed job.
+LOSSES = {
+    "lost_invoice": 0.03,  # billing takes create_invoice for an on_close deal and silently never creates it
+    "unbilled_job": 0.04,  # dispatch completes a job that nobody ever invoices
+    "amount_changed": 0.01,  # billing creates the invoice with a different amount than it was asked for
+}
+CRM_FAULTS = {"dropped": 0.03, "late": 0.03}  # per "paid" update_deal_billing_status the simulated CRM receives
 
 
 @dataclass
@@ -70,9 +84,21 @@ class _Seq:
 
 
 def business(rng: random.Random, customers: int, days: int, start: int, prefix: str = "",
-             faults: dict[str, float] | None = None) -> list[dict[str, Any]]:
-    """A valid history of canonical events, sorted by when they happened."""
+             faults: dict[str, float] | None = None,
+             injected: dict[str, list[str]] | None = None) -> list[dict[str, Any]]:
+    """A valid history of canonical events, sorted by when they happened.
+
+    ``injected`` (when given) receives the ids of the losses put in: deals whose invoice billing lost, jobs
+    nobody invoiced, invoices billed with another amount.
+    """
     rates = {**DEFAULT_FAULTS, **(faults or {})}
+    # The losses draw from their own stream, so the rest of a seed's history stays what it always was.
+    # Seeded from the main stream's state without drawing from it (int and tuple hashes are not salted), so the
+    # same seed loses the same things whatever the prefix.
+    lossy = random.Random(hash(rng.getstate()))
+    losses = injected if injected is not None else {}
+    for kind in ("lost_invoice", "unbilled_job", "amount_changed"):
+        losses.setdefault(kind, [])
     seq = _Seq()
     out: list[dict[str, Any]] = []
 
@@ -115,15 +141,23 @@ def business(rng: random.Random, customers: int, days: int, start: int, prefix: 
             if not (billable and mapped):
                 continue  # stuck until an owner fixes the data: nothing downstream happens
             if policy == "on_close":
-                _bill(emit, rng, f"{prefix}inv-{i:04d}-{d}", lines, cid, t1, deal_id=deal_id, prefix=prefix)
+                inv_id = f"{prefix}inv-{i:04d}-{d}"
+                if lossy.random() < rates["lost_invoice"]:
+                    losses["lost_invoice"].append(deal_id)
+                    continue
+                changed = lossy.random() < rates["amount_changed"]
+                if changed:
+                    losses["amount_changed"].append(inv_id)
+                _bill(emit, rng, inv_id, lines, cid, t1, deal_id=deal_id, prefix=prefix, changed=changed)
             else:
-                _work(emit, rng, f"{prefix}job-{i:04d}-{d}", deal_id, lines, cid, t1, prefix=prefix)
+                _work(emit, rng, f"{prefix}job-{i:04d}-{d}", deal_id, lines, cid, t1, prefix=prefix,
+                      unbilled=lossy.random() < rates["unbilled_job"], losses=losses)
     out.sort(key=lambda e: (e["occurred_at"], e["entity_id"], e["seq"]))
     return out
 
 
 def _work(emit: Callable[..., None], rng: random.Random, job_id: str, deal_id: str, lines: list[dict[str, Any]],
-          cid: str, t: int, prefix: str) -> None:
+          cid: str, t: int, prefix: str, unbilled: bool = False, losses: dict[str, list[str]] | None = None) -> None:
     when = t + rng.randrange(DAY, 4 * DAY)
     emit("job", job_id, ev.job("scheduled", lines, deal_id=deal_id, scheduled_for=when), cid, t + HOUR)
     if rng.random() < 0.1:
@@ -132,6 +166,10 @@ def _work(emit: Callable[..., None], rng: random.Random, job_id: str, deal_id: s
     emit("job", job_id, ev.job("dispatched", lines, deal_id=deal_id, scheduled_for=when), cid, when)
     done = when + rng.randrange(HOUR, 6 * HOUR)
     emit("job", job_id, ev.job("completed", lines, deal_id=deal_id, scheduled_for=when, completed_at=done), cid, done)
+    if unbilled:
+        if losses is not None:
+            losses["unbilled_job"].append(job_id)
+        return  # the work was done and nobody invoices it
     inv_id = f"{prefix}inv-{job_id.removeprefix(prefix).removeprefix('job-')}"
     issued = _bill(emit, rng, inv_id, lines, cid, done, job_id=job_id, prefix=prefix,
                    late=rng.random() < 0.1, cancel=rng.random() < 0.05)
@@ -143,12 +181,14 @@ def _work(emit: Callable[..., None], rng: random.Random, job_id: str, deal_id: s
 
 def _bill(emit: Callable[..., None], rng: random.Random, inv_id: str, lines: list[dict[str, Any]], cid: str,
           t: int, *, deal_id: str | None = None, job_id: str | None = None, prefix: str = "", late: bool = False,
-          cancel: bool = False) -> int | None:
+          cancel: bool = False, changed: bool = False) -> int | None:
     """Invoice and (usually) payment; returns the issue time, negated when the work is cancelled afterwards."""
     issued = t + rng.randrange(10 * 60_000, (72 if late else 20) * HOUR)
     if late:
         issued = max(issued, t + 50 * HOUR)
     inv = {"deal_id": deal_id, "job_id": job_id, "issued_at": issued, "due_at": issued + 30 * DAY}
+    if changed:  # billing applied the command with another amount than it was asked for
+        inv["amount_due_cents"] = ev.total(lines) + max(5_000, ev.total(lines) // 10)
     emit("invoice", inv_id, ev.invoice("draft", lines, **{**inv, "issued_at": None}), cid, issued - 10 * 60_000)
     emit("invoice", inv_id, ev.invoice("open", lines, **inv), cid, issued)
     if cancel:
@@ -178,10 +218,13 @@ class Simulator:
         self.start = start if start is not None else 1_767_225_600_000  # 2026-01-01T00:00Z
         self.faults = {**DEFAULT_FAULTS, **(faults or {})}
         self.codec = Codec()
+        self.injected: dict[str, list[str]] = {}  # the losses put in: kind -> entity ids (filled by history())
 
     def history(self) -> list[dict[str, Any]]:
         """The valid history under the faults (same seed, same history)."""
-        return business(random.Random(self.seed), self.customers, self.days, self.start, self.prefix, self.faults)
+        self.injected = {}
+        return business(random.Random(self.seed), self.customers, self.days, self.start, self.prefix, self.faults,
+                        self.injected)
 
     def records(self) -> Iterator[Planned]:
         """The history as it reaches Concord: duplicated, reordered, gapped, with bad bytes mixed in."""
@@ -252,3 +295,99 @@ class Simulator:
         if progress:
             progress(len(records), len(records))
         return [p for p in landed if p is not None]
+
+
+class Echoes:
+    """Publishes the simulated target systems' own change events, some only after a delay."""
+
+    def __init__(self, bootstrap: str) -> None:
+        self.codec = Codec()
+        self.producer = new_producer(bootstrap)
+        self._later: list[tuple[float, int, dict[str, Any]]] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._n = 0
+        self.published = 0
+        self._thread = threading.Thread(target=self._run, name="concord-sim-echoes", daemon=True)
+        self._thread.start()
+
+    def send(self, event: dict[str, Any], delay_s: float = 0.0) -> None:
+        """Publish ``event`` on its changes topic now, or ``delay_s`` seconds from now."""
+        with self._lock:
+            self._n += 1
+            heapq.heappush(self._later, (time.monotonic() + delay_s, self._n, event))
+
+    @property
+    def pending(self) -> int:
+        """Echoes not yet published."""
+        with self._lock:
+            return len(self._later)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.05):
+            due = []
+            with self._lock:
+                while self._later and self._later[0][0] <= time.monotonic():
+                    due.append(heapq.heappop(self._later)[2])
+            for e in due:
+                self.producer.produce(topics.changes_topic(e["source_system"], e["entity_type"]),
+                                      key=e["entity_id"].encode(), value=self.codec.encode("change_event", e))
+            if due:
+                self.producer.flush(30)
+                self.published += len(due)
+
+    def close(self) -> None:
+        """Stop; echoes still waiting are not published."""
+        self._stop.set()
+        self._thread.join(5)
+        self.producer.flush(10)
+
+
+class LossyTarget:
+    """The simulated target systems: the sandbox target, but losing what the simulator says they lose.
+
+    billing reports create_invoice applied for the deals whose invoice the history lost, and does nothing; the CRM
+    drops a share of update_deal_billing_status silently (reported applied, never echoed) and echoes another share
+    only after ``late_s``. Everything else is applied by the sandbox, whose echo plays the CRM's own feed (billing's
+    and dispatch's feeds are the simulated history itself).
+    """
+
+    name = "sandbox"
+
+    def __init__(self, db: Any, echoes: Echoes, lost_deals: set[str], seed: int = 7, late_s: float = 12.0,
+                 rates: dict[str, float] | None = None) -> None:
+        from connectors.outbound.sandbox import SandboxTarget
+
+        self.rates = {**CRM_FAULTS, **(rates or {})}
+        self.seed, self.late_s, self.echoes, self.lost_deals = seed, late_s, echoes, lost_deals
+        self.inner = SandboxTarget(db, echo=self._echo, echo_systems=("crm",))
+        self.types = self.inner.types
+        self.dropped: list[str] = []  # command ids reported applied and never carried out
+        self.late: list[str] = []  # command ids whose echo comes after the confirmation deadline
+
+    def apply(self, cmd: Any) -> Any:
+        """Apply ``cmd`` as the simulated target would (see the class docstring)."""
+        from connectors.outbound.base import APPLIED, Result
+
+        if cmd.type == "create_invoice" and cmd.entity_type == "deal" and cmd.entity_id in self.lost_deals:
+            self.dropped.append(cmd.command_id)
+            return Result(APPLIED, f"inv_{cmd.command_id[:24]}")  # it says so, and never does it
+        if cmd.type == "void_invoice":  # billing's own feed (the history) voids it; the sandbox holds no invoices
+            return Result(APPLIED, str(cmd.payload["invoice_id"]))
+        if cmd.type == "update_deal_billing_status" and cmd.payload.get("billing_status") == "paid":
+            # only the last update a deal gets: a later one would mask the loss of an earlier one
+            draw = random.Random(f"{self.seed}:{cmd.command_id}").random()
+            if draw < self.rates["dropped"]:
+                self.dropped.append(cmd.command_id)
+                return Result(APPLIED, str(cmd.payload.get("deal_id")))
+            if draw < self.rates["dropped"] + self.rates["late"]:
+                self.late.append(cmd.command_id)
+        return self.inner.apply(cmd)
+
+    def _echo(self, event: dict[str, Any]) -> None:
+        late = event["caused_by_command_id"] in self.late
+        self.echoes.send(event, self.late_s if late else 0.0)
+
+    def close(self) -> None:
+        """Close the sandbox database."""
+        self.inner.close()

@@ -9,7 +9,7 @@ import signal
 import sys
 from typing import Any
 
-from concord.contracts.topics import COMMANDS, EXCEPTIONS, TARGET_SYSTEMS
+from concord.contracts.topics import COMMAND_OUTCOMES, COMMANDS, EXCEPTIONS, TARGET_SYSTEMS
 from connectors.outbound.base import FatalError, Target
 from connectors.outbound.consumer import Adapter, AdapterError, RetryPolicy
 
@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
             return 1
         if not args.no_create_topics:
             try:
-                ensure_topics(bootstrap, [*COMMANDS, *EXCEPTIONS], timeout=args.timeout)
+                ensure_topics(bootstrap, [*COMMANDS, *EXCEPTIONS, COMMAND_OUTCOMES], timeout=args.timeout)
             except Exception as exc:
                 target.close()
                 print(f"concord adapters: broker at {bootstrap} did not answer: {exc}", file=sys.stderr)

@@ -10,7 +10,10 @@ One confluent-kafka consumer (group ``concord-adapters-<backend>`` unless told o
 3. a permanent rejection (4xx, invalid payload) becomes a ``command_rejected`` exception on
    ``exceptions.<owner>`` (routing from concord/config/routing.yaml), its id derived from the command
    id so a redelivered rejection is the same exception, carrying the original record;
-4. only then is the offset committed. A fatal error (bad credentials) or retries exhausted stop the
+4. its outcome (applied, duplicate, rejected, or failed once retries run out; the target's record id;
+   when) goes to ``outcomes.commands``, keyed by the customer like the status table, so the worker can
+   follow the command to confirmation;
+5. only then is the offset committed. A fatal error (bad credentials) or retries exhausted stop the
    consumer without committing, so the command comes back when it restarts.
 """
 
@@ -26,7 +29,7 @@ from typing import Any, TextIO
 from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 
 from concord.contracts.codec import Codec
-from concord.contracts.topics import commands_topic, deadletter_topic, exceptions_topic
+from concord.contracts.topics import COMMAND_OUTCOMES, commands_topic, deadletter_topic, exceptions_topic
 from concord.domain.routing import Routing, load_routing
 from concord.domain.rules import stable_id
 from concord.exceptions import ConcordError, DecodeError
@@ -38,6 +41,10 @@ from connectors.outbound.metrics import ADAPTER_APPLY_SECONDS, ADAPTER_COMMANDS
 
 class AdapterError(ConcordError):
     """The adapter stopped without committing the record in hand (it will be delivered again)."""
+
+
+class GaveUp(AdapterError):
+    """Every retry of a transient failure failed; the command is reported failed and not committed."""
 
 
 @dataclass(frozen=True)
@@ -82,7 +89,8 @@ class Adapter:
 
     def __init__(self, bootstrap: str, target: Target, systems: list[str], group: str | None = None,
                  retry: RetryPolicy | None = None, session_timeout_ms: int = 6000, codec: Codec | None = None,
-                 routing: Routing | None = None, log: TextIO | None = None, produce_timeout: float = 30.0) -> None:
+                 routing: Routing | None = None, log: TextIO | None = None, produce_timeout: float = 30.0,
+                 report_outcomes: bool = True) -> None:
         self.bootstrap = bootstrap
         self.target = target
         self.topics = [commands_topic(s) for s in systems]
@@ -93,6 +101,7 @@ class Adapter:
         self.routing = routing or load_routing()
         self.log = log or sys.stderr
         self.produce_timeout = produce_timeout
+        self.report_outcomes = report_outcomes
         self.summary = Summary()
         self._stop = threading.Event()
         self._producer: Producer | None = None
@@ -121,10 +130,31 @@ class Adapter:
             result = self._apply(cmd)
         except PermanentError as exc:
             self._reject(rec, origin, str(exc))
+            self._report(rec, "rejected", detail=str(exc))
             return self._count(rec["type"], "rejected")
+        except GaveUp as exc:
+            try:  # say so before the record comes back; the give-up is the error that matters
+                self._report(rec, "failed", detail=str(exc))
+            except AdapterError as lost:
+                self._say(f"could not report the failure of {rec['command_id']}: {lost}")
+            raise
         finally:
             ADAPTER_APPLY_SECONDS.labels(self.target.name).observe(time.monotonic() - started)
+        self._report(rec, result.outcome, ref=result.ref)
         return self._count(cmd.type, result.outcome)
+
+    def _report(self, rec: dict[str, Any], outcome: str, ref: str = "", detail: str = "") -> None:
+        """Publish one command's outcome on outcomes.commands, keyed by its customer (the status key)."""
+        if not self.report_outcomes:
+            return
+        key = rec.get("customer_id") or f"unknown:{rec.get('entity_type')}:{rec.get('entity_id')}"
+        out = {"command_id": rec["command_id"], "type": rec["type"], "target_system": rec["target_system"],
+               "customer_id": rec.get("customer_id"), "entity_type": rec.get("entity_type") or "",
+               "entity_id": rec.get("entity_id") or "", "outcome": outcome, "target_ref": ref or "",
+               "detail": detail[:1000], "adapter": self.target.name, "trace_id": rec.get("trace_id") or "",
+               "reported_at": int(time.time() * 1000)}
+        self._publish(COMMAND_OUTCOMES.name, key.encode(), self.codec.encode("command_outcome", out), (),
+                      f"the outcome of {rec['command_id']}")
 
     def _apply(self, cmd: Command) -> Result:
         attempt = 0
@@ -134,7 +164,7 @@ class Adapter:
                 return self.target.apply(cmd)
             except TransientError as exc:
                 if attempt >= self.retry.attempts:
-                    raise AdapterError(f"{cmd.type} {cmd.command_id}: gave up after {attempt} attempts, "
+                    raise GaveUp(f"{cmd.type} {cmd.command_id}: gave up after {attempt} attempts, "
                                        f"last: {exc}; not committed, it will be delivered again") from None
                 self._count(cmd.type, "retried")
                 wait = self.retry.delay(attempt, exc.retry_after)

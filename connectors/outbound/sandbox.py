@@ -11,9 +11,11 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
+from concord.contracts import events as ev
 from connectors.outbound.base import (
     APPLIED,
     DUPLICATE,
@@ -57,7 +59,12 @@ class SandboxTarget:
     name = "sandbox"
     types = TYPES
 
-    def __init__(self, db: str | Path = ".concord/sandbox.db", dsn: str | None = None) -> None:
+    def __init__(self, db: str | Path = ".concord/sandbox.db", dsn: str | None = None,
+                 echo: Callable[[dict[str, Any]], None] | None = None,
+                 echo_systems: Collection[str] = ("billing", "crm", "dispatch")) -> None:
+        self.echo = echo  # given: the sandbox plays the target systems and reports what it applied as their feed
+        self.echo_systems = frozenset(echo_systems)
+        self._echo_seq = 0
         if dsn:
             try:
                 import psycopg
@@ -116,6 +123,12 @@ class SandboxTarget:
             ref = getattr(self, f"_{cmd.type}")(cmd, now)
             self._x("UPDATE effects SET ref = ? WHERE command_id = ?", (ref, cmd.command_id))
             self._commit()
+            if self.echo is not None and cmd.target_system in self.echo_systems:
+                # microseconds, and never twice the same: two updates of one deal within a millisecond stay ordered
+                self._echo_seq = max(self._echo_seq + 1, time.time_ns() // 1000)
+                change = echo_event(cmd, ref, now, self._echo_seq)
+                if change is not None:
+                    self.echo(change)
             return Result(APPLIED, ref)
         except BaseException as exc:
             self._rollback()
@@ -206,6 +219,37 @@ class SandboxTarget:
     def close(self) -> None:
         """Close the database connection."""
         self.conn.close()
+
+
+def echo_event(cmd: Command, ref: str, now: int, seq: int) -> dict[str, Any] | None:
+    """The owning system's own change event for a command the sandbox applied, carrying the command id.
+
+    Partial updates name the one field they change in ``changed_fields``; the other payload fields are the
+    schema's required fields, not news (Concord keeps what it knew of them). ``seq`` is a record version that
+    only grows (the apply time in microseconds), as such sources send them: not contiguous.
+    """
+    p = cmd.payload
+    common = {"at": now, "op": "update", "vendor": "sandbox", "event_id": f"sandbox:{cmd.command_id}",
+              "contiguous": False, "trace_id": cmd.trace_id or None, "caused_by_command_id": cmd.command_id}
+    if cmd.type == "update_deal_billing_status":
+        return ev.change_event("deal", p["deal_id"], seq, ev.deal("closed_won", [], billing_status=p["billing_status"]),
+                               cmd.customer_id, changed=["billing_status"], **common)
+    if cmd.type == "create_invoice":
+        lines = [ev.line(ln["sku"], ln["quantity"], ln["unit_price_cents"], ln.get("description") or "")
+                 for ln in p["lines"]]
+        return ev.change_event("invoice", ref, seq, ev.invoice("open", lines, deal_id=p.get("deal_id"),
+                                                               job_id=p.get("job_id"), issued_at=now,
+                                                               amount_due_cents=int(p["amount_cents"])),
+                               cmd.customer_id, **{**common, "op": "create"})
+    if cmd.type == "create_job":
+        lines = [ev.line(ln["sku"], ln["quantity"], ln["unit_price_cents"], ln.get("description") or "")
+                 for ln in p.get("lines") or []]
+        return ev.change_event("job", ref, seq, ev.job("scheduled", lines, deal_id=p["deal_id"]), cmd.customer_id,
+                               **{**common, "op": "create"})
+    if cmd.type == "void_invoice":
+        return ev.change_event("invoice", ref, seq, ev.invoice("void", []), cmd.customer_id, changed=["status"],
+                               **common)
+    return None  # billing and dispatch send no customer records; a hold has no record of its own
 
 
 def _text(value: Any) -> str | None:

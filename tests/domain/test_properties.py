@@ -56,7 +56,10 @@ def run(events):
 def outcome(h):
     """The final status table and command ids; an exception's source coordinates depend on arrival, not state."""
     statuses = {k: {**v, "exceptions": {e: {f: x for f, x in o.items() if f != "original"}
-                                        for e, o in v["exceptions"].items()}} for k, v in h.statuses.items()}
+                                        for e, o in v["exceptions"].items()},
+                    # which of several matching records confirmed a command depends on arrival too
+                    "commands": {c: {f: x for f, x in o.items() if f != "confirmed_by"}
+                                 for c, o in v.get("commands", {}).items()}} for k, v in h.statuses.items()}
     return statuses, sorted(c["command_id"] for c in h.commands())
 
 

@@ -39,11 +39,12 @@ ENVIRONMENT = OPS / "ENVIRONMENT.md"
 REASON_CODES = (
     "missing_billing_account", "missing_billing_terms", "unmapped_sku", "unknown_customer", "unlinked_job",
     "sequence_gap", "stale_update", "schema_invalid", "amount_mismatch", "unbilled_work", "orphan_invoice",
-    "duplicate_invoice", "payment_without_invoice", "command_rejected", "payment_failed",
+    "duplicate_invoice", "payment_without_invoice", "command_rejected", "payment_failed", "command_unconfirmed",
+    "won_not_billed", "billing_drift", "overdue_invoice",
 )
 EXPECTED_ALERTS = {
     "ConcordSLABreach", "ConcordExceptionRateSpike", "ConcordConsumerLagGrowing", "ConcordWorkerDown",
-    "ConcordDeadLetters", "ConcordCanaryFailing",
+    "ConcordDeadLetters", "ConcordCanaryFailing", "ConcordUnbilledRevenueGrowing",
 }
 DASHBOARD_ROWS = (
     "Is the flow healthy?",
@@ -51,6 +52,7 @@ DASHBOARD_ROWS = (
     "How long does it take to resolve?",
     "Are invoices going out on time?",
     "Is the pipeline keeping up?",
+    "Did the systems agree, and what money is at risk?",
 )
 RAW_METRIC = re.compile(r"\bconcord_[a-z0-9_]+")
 RECORDED = re.compile(r"\bconcord:[a-z0-9_:]+")

@@ -1,6 +1,7 @@
 """`concord demo` as a user runs it: a small business end to end, and Ctrl-C leaving nothing behind."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -24,6 +25,16 @@ def test_small_demo_accounts_for_every_record(broker, tmp_path):
     assert out.stdout.rstrip().endswith("unaccounted: 0")
     assert "create_invoice" in out.stdout and "dead_lettered" in out.stdout
     assert "demo: published" in out.stderr and "demo: accounted" in out.stderr  # progress goes to stderr
+    loop = re.search(r"^closed loop: issued=(\d+) applied=(\d+) confirmed=(\d+) unconfirmed=(\d+) "
+                     r"injected_losses_found=(\d+)/(\d+)$", out.stdout, re.M)
+    assert loop, out.stdout[-2000:]
+    issued, applied, confirmed, unconfirmed, found, injected = map(int, loop.groups())
+    assert issued > 0 and applied == issued and confirmed + unconfirmed == issued and confirmed > 0
+    assert found == injected, "every loss the target systems were made to lose is found"
+    unbilled = re.search(r"^unbilled work: found=(\d+)/(\d+) amount=USD [\d,.]+$", out.stdout, re.M)
+    assert unbilled and unbilled.group(1) == unbilled.group(2), out.stdout[-2000:]
+    assert re.search(r"^kpi: exception_rate_per_1k=[\d.]+ mttr_s=\S+ manual_handoffs=\d+ on_time_invoicing=\S+ "
+                     r"replay_success=\S+ revenue_at_risk=USD [\d,.]+$", out.stdout, re.M), out.stdout[-2000:]
 
 
 WORKER = "concord.tools.cli run"  # how the demo starts its worker

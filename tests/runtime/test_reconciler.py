@@ -1,0 +1,53 @@
+"""The reconciliation timer in process: bounded work per tick, resuming where it left off, visiting only the due."""
+
+from concord.contracts import events as ev
+from concord.runtime.harness import InProcess
+from concord.runtime.metrics import REGISTRY
+from concord.runtime.reconciler import directory_key
+
+T = 1_767_225_600_000
+LINES = [ev.line("SVC-INSTALL", 1, 25_000)]
+
+
+def checks():
+    return REGISTRY.get_sample_value("concord_reconcile_checks_total") or 0
+
+
+def unconfirmed(h):
+    return {e["customer_id"] for e in h.exceptions() if e["reason_code"] == "command_unconfirmed"}
+
+
+def test_each_tick_checks_at_most_the_budget_earliest_first_and_the_next_tick_resumes():
+    h = InProcess(now=T, budget=3)
+    for i in range(8):
+        cid = f"c{i}"
+        h.feed_event(ev.change_event("customer", cid, 1, ev.customer(cid, account=f"a{i}", policy="on_close"), cid,
+                                     at=T))
+        h.feed_event(ev.change_event("deal", f"d{i}", 1, ev.deal("closed_won", LINES, closed_at=T), cid, at=T))
+    h.reconcile()  # everyone changed just now: each is looked at once, three per tick
+    seen = [checks()]
+    for _ in range(3):
+        h.reconcile()
+        seen.append(checks())
+    assert [b - a for a, b in zip(seen, seen[1:], strict=False)] == [3, 2, 0]
+    assert unconfirmed(h) == set(), "nothing is late yet"
+    h.clock["now"] = T + 3_600_000  # the create_invoice deadlines pass
+    before = checks()
+    h.reconcile()
+    assert checks() - before == 3 and len(unconfirmed(h)) == 3
+    h.reconcile()
+    h.reconcile()
+    assert unconfirmed(h) == {f"c{i}" for i in range(8)}
+    before = checks()
+    h.reconcile()
+    assert checks() == before, "no customer is due again until its next deadline: a tick visits nobody"
+
+
+def test_the_index_holds_only_customers_with_a_pending_deadline():
+    h = InProcess(now=T)
+    h.feed_event(ev.change_event("customer", "c1", 1, ev.customer("c1", account="a1"), "c1", at=T))
+    h.reconcile()
+    # a customer with nothing that could fall due leaves the index once looked at
+    assert all(not v for k, v in h.deadlines.items() if k.startswith(b"\x00deadlines:0:"))
+    assert h.deadlines[directory_key(0)] == {}
+    assert set(h.statuses) == {b"c1"}, "the harness keeps the index apart from the statuses"
