@@ -55,6 +55,12 @@ def uid() -> str:
     return uuid.uuid4().hex[:10]
 
 
+@pytest.fixture
+def figure(request: pytest.FixtureRequest):
+    """Record one measured figure; the run prints each at the end, passed or not, as `figure: ...`."""
+    return request.config.pluginmanager.get_plugin("concord-broker-matrix").figures.append
+
+
 class _Matrix:
     """Counts passed and total broker tests per broker, for the one `broker matrix:` line."""
 
@@ -64,6 +70,7 @@ class _Matrix:
         self.failed: set[str] = set()
         self.passed: set[str] = set()
         self.seconds: dict[str, float] = defaultdict(float)
+        self.figures: list[str] = []
 
     @pytest.hookimpl(trylast=True)
     def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
@@ -84,6 +91,8 @@ class _Matrix:
             self.passed.add(report.nodeid)
 
     def pytest_terminal_summary(self, terminalreporter) -> None:
+        for line in self.figures:
+            terminalreporter.write_line(f"figure: {line}")
         if not self.total:
             return
         ok: dict[str, int] = defaultdict(int)
