@@ -267,6 +267,11 @@ def test_inbox_page_resolves_with_a_real_click_in_headless_chromium(broker, work
                                                 for g in got))
     eid = [g.record for g in got if g.topic == "exceptions.revenue-ops"
            and g.record["entity_id"] == deal][0]["exception_id"]
+    # the inbox reads exception_to_record, which the worker fills from the topic a moment after it is written
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and eid not in {
+            r["exception_id"] for r in api(worker, "GET", "/exceptions", TOKENS["revenue-ops"])[1]}:
+        time.sleep(0.2)
 
     opts = webdriver.ChromeOptions()
     opts.binary_location = "/usr/bin/chromium"
