@@ -16,7 +16,7 @@ KAFKA_CACHE := $(or $(CONCORD_CACHE_DIR),$(HOME)/.cache/concord)/kafka-$(KAFKA_V
 KAFKA_STAMP := $(KAFKA_CACHE)/libs/.complete
 JAVA_PACKAGES := openjdk-17-jre-headless maven
 
-.PHONY: help install demo test test-kafka kafka kafka-fetch java lint bench clean system-packages
+.PHONY: help install demo test test-kafka kafka kafka-fetch java lint bench chaos clean system-packages
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -74,6 +74,9 @@ lint: $(STAMP) ## ruff and mypy
 
 bench: $(STAMP) ## throughput and latency on the embedded broker; prints a `bench:` line
 	$(VENV)/bin/concord bench $(BENCH_ARGS)
+
+chaos: $(STAMP) ## kill workers and adapters under load (SIGKILL, SIGTERM, two workers); prints a `chaos:` line
+	$(VENV)/bin/concord chaos $(CHAOS_ARGS)
 
 clean: ## remove the virtual environment and local state
 	rm -rf $(VENV) .concord .pytest_cache .hypothesis

@@ -75,6 +75,7 @@ class Desk:
         self.app, self.credentials, self.cfg = app, credentials, cfg
         self.statuses, self.exceptions, self.actions, self.controls = statuses, exceptions, actions, controls
         self.pipeline = pipeline
+        self.publish: Any = None  # async (list of Out) -> None: the worker's producer, set by the worker
 
     # ---- who is asking -----------------------------------------------------------------------
     def team_of(self, request: Any) -> str:
@@ -148,7 +149,7 @@ class Desk:
             rules.act(status, msg, self.cfg, msg["at"])  # a dry run: refuse now what the replay would refuse
         except ValidationError as exc:
             raise Refused(422, str(exc)) from None
-        await self.actions.send(key=ckey.encode(), value=self.pipeline.codec.encode("action", msg))
+        await self.publish([Out(self.actions, ckey.encode(), self.pipeline.codec.encode("action", msg))])
         return {"accepted": True, "action_id": msg["action_id"], "exception_id": exception_id, "action": action,
                 "patch": patch, "by": by}
 
@@ -189,14 +190,14 @@ class Desk:
         reason, patch = rec["reason_code"], {}
         if action == "resolve" and reason == "command_rejected" and rec.get("original"):
             orig = rec["original"]  # the target's data was fixed: send the same command (same id) again
-            await self.app.producer.send(orig["topic"], bytes.fromhex(orig["key"]) or None,
-                                         bytes.fromhex(orig["value"]), None, None, None)
+            key = bytes.fromhex(orig["key"]) or None  # an unkeyed command stays unkeyed
+            await self.publish([Out(orig["topic"], key, bytes.fromhex(orig["value"]))])  # type: ignore[arg-type]
             patch, note = {"action": "resend_command"}, note or "the command was sent again"
         elif action in ("resolve", "discard") and reason == "sequence_gap":
             gkey = guard_key(rec["source_system"], rec["entity_type"], rec["entity_id"])
             control = {"action": "release_gap", "guard_key": gkey, "actor": by, "at": now}
-            await self.controls.send(key=rec["entity_id"].encode(),
-                                     value=self.pipeline.codec.encode("control", control))
+            await self.publish([Out(self.controls, rec["entity_id"].encode(),
+                                    self.pipeline.codec.encode("control", control))])
             patch, note = {"action": "release_gap"}, note or "parked events released without the missing ones"
         elif action == "resolve":
             raise Refused(409, f"a {reason} exception outside a customer's status can be acknowledged or discarded "
@@ -209,8 +210,7 @@ class Desk:
                 "resolution": {"by": by, "at": now, "patch": patch, "note": note}}
         outs = self.pipeline.closing(done, now, by) if state != "acknowledged" else [
             Out(exceptions_topic(done["owner"]), exception_id.encode(), self.pipeline.codec.encode("exception", done))]
-        for out in outs:
-            await self.app.producer.send(out.topic, out.key, out.value, None, None, list(out.headers))
+        await self.publish(outs)
         return {"accepted": True, "exception_id": exception_id, "action": action, "by": by}
 
 

@@ -19,6 +19,7 @@ from concord.contracts import events as ev
 from concord.contracts import topics
 from concord.contracts.codec import Codec
 from concord.runtime import metrics
+from concord.runtime.producer import new_producer
 
 CANARY_PREFIX = "canary:"
 log = logging.getLogger("concord.canary")
@@ -50,8 +51,7 @@ class Canary:
 
     def _run(self) -> None:
         try:
-            producer = Producer({"bootstrap.servers": self.bootstrap, "partitioner": "murmur2_random",
-                                 "linger.ms": 0})
+            producer = new_producer(self.bootstrap, **{"linger.ms": 0})
             consumer = Consumer({"bootstrap.servers": self.bootstrap, "group.id": f"concord-canary-{uuid.uuid4().hex}",
                                  "enable.auto.commit": False, "fetch.wait.max.ms": 100})
             name = topics.commands_topic("billing")

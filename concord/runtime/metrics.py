@@ -49,6 +49,13 @@ INVOICES = Counter(
 E2E_LATENCY = Histogram(
     "concord_end_to_end_latency_seconds", "Source occurred_at to command issued.", registry=REGISTRY,
     buckets=(0.01, 0.025, 0.05, 0.1, 0.15, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
+RECORDS_SKIPPED = Counter(
+    "concord_records_skipped_total", "Delivered records the offset ledger did not process, by topic and action "
+    "(skip: already processed or not yet positioned; seek: a jump the consumer is sent back over).",
+    ["topic", "action"], registry=REGISTRY)
+OFFSET_SEEKS = Counter(
+    "concord_offset_seeks_total", "Seeks back to the next undecided offset after the consumer jumped ahead, by topic.",
+    ["topic"], registry=REGISTRY)
 CONSUMER_LAG = Gauge(
     "concord_consumer_lag", "Records not yet consumed, by topic and partition.", ["topic", "partition"],
     registry=REGISTRY)

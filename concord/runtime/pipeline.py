@@ -101,13 +101,9 @@ class Pipeline:
         (gapped.add if cursor["parked"] else gapped.discard)(gkey)
         if verdict.kind == guard.APPLY:
             outs = [self._accepted(r) for r in verdict.release]
-            if len(verdict.release) > 1:  # the missing event arrived: the ones parked behind it go too
-                metrics.PARKED.dec(len(verdict.release) - 1)
             if before.get("gap_exception") and not cursor.get("gap_exception"):  # the gap filled itself
                 outs += self._gap_filled(before, event, rec)
             return outs
-        if verdict.kind == guard.PARK:
-            metrics.PARKED.inc()
         metrics.ORDERING_CONFLICTS.labels("gap" if verdict.kind == guard.PARK else verdict.kind).inc()
         outcome = "parked" if verdict.kind == guard.PARK else verdict.kind
         metrics.EVENTS.labels(rec.topic, outcome).inc()
@@ -156,7 +152,6 @@ class Pipeline:
             return []
         cursor, refs = guard.release_parked(cursor)
         cursors[gkey] = cursor
-        metrics.PARKED.dec(len(refs))
         self.gapped.get(cursor.get("p", -1), set()).discard(gkey)
         return [self._accepted(r) for r in refs]
 
@@ -184,7 +179,6 @@ class Pipeline:
             status.setdefault("parked", {}).setdefault(ref, []).append([*src, rec.value.hex()])
             statuses[key] = status
             metrics.EVENTS.labels(src[0], "parked").inc()
-            metrics.PARKED.inc()
             return [self.decision(*src, event, "parked", f"behind open exception {blocker}")]
         outcome = self._decide(status, event, self.clock())
         statuses[key] = outcome.status
@@ -214,7 +208,6 @@ class Pipeline:
             if not status["parked"][ready[0]]:
                 del status["parked"][ready[0]]
             statuses[key] = status
-            metrics.PARKED.dec()
             value = bytes.fromhex(value_hex)
             _, event = self.codec.decode(value)
             outcome = self._decide(status, event, self.clock())
@@ -299,7 +292,6 @@ class Pipeline:
             outs += self._state_outs(entry, action["exception_id"], "acknowledged", now, action)
         elif action["action"] == "discard":
             outs += self._state_outs(entry, action["exception_id"], "discarded", now, action)
-            metrics.EXCEPTIONS_OPEN.labels(entry.get("owner", "?"), entry["reason_code"]).dec()
             metrics.RESOLUTIONS.labels(entry.get("owner", "?")).inc()
         else:
             metrics.REPLAYS.labels("succeeded").inc()
@@ -327,7 +319,6 @@ class Pipeline:
         record["original"] = {"topic": topic, "partition": part, "offset": offset, "key": key, "value": value}
         if opened:  # an update of an open exception republishes it without counting it again
             metrics.EXCEPTIONS_OPENED.labels(record["owner"], record["reason_code"]).inc()
-            metrics.EXCEPTIONS_OPEN.labels(record["owner"], record["reason_code"]).inc()
         return [Out(topics.exceptions_topic(record["owner"]), record["exception_id"].encode(),
                     self.codec.encode("exception", record))]
 
@@ -342,7 +333,6 @@ class Pipeline:
         record["original"] = {"topic": topic, "partition": part, "offset": offset, "key": key, "value": value}
         labels = (record["owner"], record["reason_code"])
         metrics.EXCEPTIONS_RESOLVED.labels(*labels).inc()
-        metrics.EXCEPTIONS_OPEN.labels(*labels).dec()
         metrics.RESOLUTION_SECONDS.labels(*labels).observe(max(0.0, (now - gone["opened_at"]) / 1000))
         return [Out(topics.exceptions_topic(record["owner"]), record["exception_id"].encode(),
                     self.codec.encode("exception", record))]
@@ -375,7 +365,6 @@ class Pipeline:
     def closing(self, record: dict[str, Any], now: int, actor: str) -> list[Out]:
         """An owner closed an exception outside the status table (a sequence gap released or discarded)."""
         labels = (record["owner"], record["reason_code"])
-        metrics.EXCEPTIONS_OPEN.labels(*labels).dec()
         metrics.RESOLUTIONS.labels(record["owner"]).inc()
         if record["state"] == "resolved":
             metrics.EXCEPTIONS_RESOLVED.labels(*labels).inc()

@@ -28,6 +28,7 @@ _ENV = {
     "owner_tokens": "CONCORD_OWNER_TOKENS",
     "owner_tokens_file": "CONCORD_OWNER_TOKENS_FILE",
     "sla_check_interval_s": "CONCORD_SLA_CHECK_INTERVAL_S",
+    "gauge_interval_s": "CONCORD_GAUGE_INTERVAL_S",
     "canary_interval_s": "CONCORD_CANARY_INTERVAL_S",
 }
 
@@ -54,6 +55,7 @@ class Settings(BaseModel):
     owner_tokens: str | None = Field(None, description="team=token,team=token: each owner team's API credential")
     owner_tokens_file: Path | None = Field(None, description="YAML mapping team -> token (instead of the variable)")
     sla_check_interval_s: float = Field(1.0, gt=0, description="how often SLA deadlines are checked")
+    gauge_interval_s: float = Field(2.0, gt=0, description="how often gauges are read from the tables")
     canary_interval_s: float = Field(60.0, ge=0, description="seconds between canary flows; 0 turns the canary off")
 
     def credentials(self) -> dict[str, str]:

@@ -8,95 +8,27 @@ import contextlib
 import gc
 import json
 import logging
+import os
 import sys
-import threading
-import types
-import weakref
 from collections.abc import Iterable
 from typing import Any
 
 import faust
-from confluent_kafka import KafkaException
-from confluent_kafka import Producer as RdProducer
-from faust.streams import _current_event
-from faust.transport.drivers import aiokafka as faust_aiokafka
-from faust.types import TP
-from faust.utils import json as faust_json
-from mode.services import WaitResults
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from concord.contracts import topics
 from concord.contracts.codec import Codec
 from concord.exceptions import DecodeError
 from concord.owners.desk import Desk, newer, table_record, wire_record
-from concord.runtime import metrics
+from concord.runtime import faust_shims, metrics
+from concord.runtime.indexes import TableIndex, open_exception, parked_in_cursor, parked_in_status
+from concord.runtime.offsets import PROCESS, SEEK, OffsetLedger
 from concord.runtime.pipeline import Out, Pipeline, Record
+from concord.runtime.producer import Outgoing, Outputs
 from concord.runtime.settings import Settings
 from concord.runtime.web import register_views
 
 log = logging.getLogger("concord.worker")
-
-_FETCH_MAX_WAIT_MS = {"value": 20}
-_create_worker_consumer = faust_aiokafka.AIOKafkaConsumerThread._create_worker_consumer
-
-
-def _create_worker_consumer_with_fetch_wait(self: Any, transport: Any) -> Any:
-    consumer = _create_worker_consumer(self, transport)
-    # faust hard-codes fetch_max_wait_ms=1500, which is the floor of every hop's latency on a quiet topic.
-    consumer._fetch_max_wait_ms = _FETCH_MAX_WAIT_MS["value"]
-    return consumer
-
-
-faust_aiokafka.AIOKafkaConsumerThread._create_worker_consumer = _create_worker_consumer_with_fetch_wait
-
-_wait_first = faust_aiokafka.Consumer.wait_first
-
-
-@types.coroutine
-def _resumed(coro: Any, yielded: Any) -> Any:
-    """Go on running ``coro`` (already stepped once, and suspended on ``yielded``) inside a task."""
-    while True:
-        try:
-            sent = yield yielded
-        except GeneratorExit:
-            coro.close()
-            raise
-        except BaseException as exc:  # noqa: B036 - cancellation and errors go to the coroutine, as in a task
-            try:
-                yielded = coro.throw(exc)
-            except StopIteration as stop:
-                return stop.value
-        else:
-            try:
-                yielded = coro.send(sent)
-            except StopIteration as stop:
-                return stop.value
-
-
-async def _wait_first_stepping(self: Any, *coros: Any, timeout: Any = None) -> Any:
-    """Faust's consumer hands every fetched message to the streams with ``wait_first(deliver, suspend_flow)``.
-
-    That makes four tasks and an asyncio.wait per message (~8% of the worker's main thread in py-spy),
-    although delivering almost never waits. So the delivery is stepped once first: when it completes
-    without waiting it is done, and only a delivery that has to wait (a full stream buffer) runs as a
-    task raced against the flow being suspended, as before.
-    """
-    first = coros[0] if coros else None
-    if (timeout is not None or len(coros) != 2 or not isinstance(first, types.CoroutineType)
-            or self._stopped.is_set() or self._crashed.is_set()):
-        return await _wait_first(self, *coros, timeout=timeout)
-    try:
-        yielded = first.send(None)
-    except StopIteration as stop:
-        other = coros[1]
-        if isinstance(other, types.CoroutineType):
-            other.close()
-        return WaitResults([first], [stop.value], False)
-    return await _wait_first(self, asyncio.ensure_future(_resumed(first, yielded)), coros[1])
-
-
-faust_aiokafka.Consumer.wait_first = _wait_first_stepping
-
 
 _FREEZE_EVERY_S = 1.0
 _FULL_GC_EVERY_S = 900.0
@@ -109,130 +41,19 @@ def _record(event: Any) -> Record:
     return Record(msg.topic, msg.partition, msg.offset, msg.key, msg.value, headers)
 
 
-class _Delivery:
-    """The acknowledgements of one batch of records: resolves ``future`` on the event loop when all are in."""
+def _fatal(what: str, exc: BaseException) -> None:
+    """An infrastructure failure in a stage: stop the process at once, committing nothing more.
 
-    __slots__ = ("loop", "future", "remaining", "lock", "error", "offsets")
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, remaining: int) -> None:
-        self.loop = loop
-        self.future: asyncio.Future = loop.create_future()
-        self.remaining = remaining
-        self.lock = threading.Lock()
-        self.error: Any = None
-        self.offsets: dict[tuple[str, int], int] = {}  # changelog partition -> last offset written
-
-    def __call__(self, err: Any, msg: Any) -> None:  # librdkafka's delivery report, on the poll thread
-        with self.lock:
-            if err is not None and self.error is None:
-                self.error = err
-            elif err is None and msg.topic().endswith("-changelog"):
-                self.offsets[(msg.topic(), msg.partition())] = msg.offset()
-            self.remaining -= 1
-            if self.remaining != 0:
-                return
-        self.loop.call_soon_threadsafe(self._resolve)
-
-    def _resolve(self) -> None:
-        if self.future.done():
-            return
-        if self.error is not None:
-            self.future.set_exception(KafkaException(self.error))
-        else:
-            self.future.set_result(self.offsets)
-
-
-class _Outputs:
-    """Every record the agents produce goes through one librdkafka producer owned by the worker.
-
-    Cheaper per record than faust's Topic/ProducerBuffer path (the C client batches and sends on its own
-    thread); a batch's records are awaited together, so outputs are acknowledged before offsets are acked.
-    ``murmur2_random`` puts a key on the same partition as faust/aiokafka's default partitioner.
+    Outputs are acknowledged before offsets are committed, so every record not yet committed is processed
+    again by the worker that takes over (at-least-once; decisions are idempotent).
     """
-
-    def __init__(self, bootstrap: str, linger_ms: int) -> None:
-        self.config = {"bootstrap.servers": bootstrap, "linger.ms": linger_ms, "acks": "all",
-                       "partitioner": "murmur2_random", "enable.idempotence": True,
-                       "queue.buffering.max.messages": 1_000_000, "log_level": 3}
-        self._producer: RdProducer | None = None
-        self._stopping = threading.Event()
-
-    def _poll(self, producer: RdProducer) -> None:
-        while not self._stopping.is_set():
-            producer.poll(0.05)
-
-    @property
-    def producer(self) -> RdProducer:
-        if self._producer is None:
-            self._producer = RdProducer(self.config)
-            threading.Thread(target=self._poll, args=(self._producer,), name="concord-producer", daemon=True).start()
-        return self._producer
-
-    def produce(self, records: list[tuple[str, bytes, bytes, Any, int | None]]) -> asyncio.Future:
-        """Produce (topic, key, value, headers, partition) records; the future resolves when all are acknowledged."""
-        loop = asyncio.get_running_loop()
-        if not records:
-            done = loop.create_future()
-            done.set_result({})
-            return done
-        producer = self.producer
-        delivery = _Delivery(loop, len(records))
-        produce = producer.produce
-        for topic, key, value, headers, partition in records:
-            while True:
-                try:
-                    if partition is None:
-                        produce(topic, value, key, headers=headers, on_delivery=delivery)
-                    else:
-                        produce(topic, value, key, partition, headers=headers, on_delivery=delivery)
-                    break
-                except BufferError:  # the local queue is full (1M records): wait for the poll thread to drain it
-                    producer.poll(0.01)
-        return delivery.future
-
-    async def send(self, records: list[tuple[str, bytes, bytes, Any, int | None]]) -> dict[tuple[str, int], int]:
-        """Produce records and return when the broker acknowledged all of them."""
-        return await self.produce(records)
-
-    def stop(self) -> None:
-        self._stopping.set()
-        if self._producer is not None:
-            self._producer.flush(10)
-
-
-async def _acked(stream: Any, table: Any, events: list[Any], delivery: asyncio.Future) -> None:
-    """Wait until the broker acknowledged a batch's outputs, then ack its events (their offsets may be committed)."""
-    written = await delivery
-    for (topic, partition), offset in written.items():  # what faust's _on_changelog_sent records
-        table.data.set_persisted_offset(TP(topic, partition), offset)
-    for event in events:
-        if event.ack():
-            message = event.message
-            stream._on_message_out(message.tp, message.offset, message)
-
-
-def _changelog_value(value: Any) -> bytes:
-    """A table value as faust's ``json`` value serializer writes it (so faust's recovery reads it back)."""
-    data = faust_json.dumps(value)
-    return data if isinstance(data, bytes) else data.encode()
-
-
-class _as_if_from:  # noqa: N801 - used like a function in `with`
-    """Make table writes go to the changelog partition of ``event`` (faust reads the current event)."""
-
-    def __init__(self, event: Any) -> None:
-        self.event = event
-
-    def __enter__(self) -> None:
-        self.token = _current_event.set(weakref.ref(self.event))
-
-    def __exit__(self, *exc: object) -> None:
-        _current_event.reset(self.token)
+    log.critical("%s failed; exiting without committing: %r", what, exc, exc_info=exc)
+    logging.shutdown()
+    os._exit(70)
 
 
 def build_app(settings: Settings, pipeline: Pipeline | None = None) -> faust.App:
-    """The faust app with Concord's topics, tables, agents, timer and web pages."""
-    _FETCH_MAX_WAIT_MS["value"] = settings.fetch_max_wait_ms
+    """The faust app with Concord's topics, tables, agents, timers and web pages."""
     if pipeline is None:
         pipeline = default_pipeline(settings)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -257,14 +78,13 @@ def build_app(settings: Settings, pipeline: Pipeline | None = None) -> faust.App
         key_serializer="raw",
         consumer_auto_offset_reset="earliest",
     )
+    ledger = OffsetLedger()
+    faust_shims.apply(app, ledger=ledger, fetch_max_wait_ms=settings.fetch_max_wait_ms)
     app.pipeline = pipeline  # type: ignore[attr-defined]
     raw = {"key_serializer": "raw", "value_serializer": "raw"}
     changes = app.topic(*(t.name for t in topics.CHANGES), topics.GUARD_CONTROLS.name, **raw)
     accepted = app.topic(topics.ACCEPTED.name, topics.EXCEPTION_ACTIONS.name, **raw)
-    actions = app.topic(topics.EXCEPTION_ACTIONS.name, **raw)
     raised = app.topic(*(t.name for t in topics.EXCEPTIONS), **raw)
-    controls = app.topic(topics.GUARD_CONTROLS.name, **raw)
-    # Raw keys, so faust's key -> partition routing matches the bytes the topics are keyed by.
     # Raw (bytes) keys: faust takes a table's key serializer from its key type, not from a Schema, and defaults
     # to json; with bytes the changelog is keyed like the input topics, recovery reads the keys back, and web
     # requests are routed by the same hash the producers used. Values are json.
@@ -277,41 +97,80 @@ def build_app(settings: Settings, pipeline: Pipeline | None = None) -> faust.App
     exception_to_record = app.Table("exception_to_record", default=None, partitions=topics.PARTITIONS,
                                     **table_schema)
     app.exception_to_record = exception_to_record  # type: ignore[attr-defined]
+    # What the gauges and timers need, derived from the tables and rebuilt from them after every rebalance.
+    indexes = {entity_to_cursor: TableIndex(parked_in_cursor), customer_to_status: TableIndex(parked_in_status),
+               exception_to_record: TableIndex(open_exception)}
+    app.concord_indexes = indexes  # type: ignore[attr-defined]
     escalating: set[bytes] = set()  # escalated here and not yet seen back on an exceptions topic
 
-    outputs = _Outputs(settings.bootstrap_servers or "localhost:9092", settings.producer_linger_ms)
+    outputs = Outputs(settings.bootstrap_servers or "localhost:9092", settings.producer_linger_ms)
     app.outputs = outputs  # type: ignore[attr-defined]
+
+    @app.on_partitions_revoked.connect
+    async def forget_revoked(app: Any, revoked: Any, **kwargs: Any) -> None:
+        ledger.revoked(revoked)
+
+    @app.on_partitions_assigned.connect
+    async def hold_assigned(app: Any, assigned: Any, **kwargs: Any) -> None:
+        ledger.assigned({tp for tp in assigned if not tp.topic.endswith("-changelog")})
+        for index in indexes.values():
+            index.clear()  # rebuilt from the recovered tables on the next gauge tick
+        escalating.clear()
 
     @app.on_before_shutdown.connect
     async def stop_outputs(app: Any, **kwargs: Any) -> None:
         outputs.stop()
 
     async def send_all(outs: Iterable[Out]) -> None:
-        # every output acknowledged before the batch's offsets are acked
         await outputs.send([(o.topic, o.key, o.value, list(o.headers) or None, None) for o in outs])
 
-    async def run_batches(stream: Any, step: Any, table: Any) -> None:
+    async def run_batches(stream: Any, step: Any, table: Any, stage: str) -> None:
+        """Take batches, decide each record the ledger admits, write outputs and table changes, then commit."""
         changelog = table.changelog_topic.get_topic_name()
+        index = indexes[table]
+        loop = asyncio.get_running_loop()
         in_flight: asyncio.Future | None = None  # the previous batch: its outputs on their way to the broker
         try:
             async for events in stream.take_events(settings.batch_size, within=settings.batch_within_s):
                 for event in events:  # held: acked only once the batch's outputs are acknowledged (see _acked)
                     event.message.incref()
                 view = _BatchView(table)
-                records: list[tuple[str, bytes, bytes, Any, int | None]] = []
+                records: list[Outgoing] = []
+                processed: list[Any] = []
+                seeks: dict[Any, int] = {}
+                now = loop.time()
                 for event in events:
+                    msg = event.message
+                    verdict = ledger.admit(msg.tp, msg.offset, now)
+                    if verdict.action != PROCESS:
+                        metrics.RECORDS_SKIPPED.labels(msg.topic, verdict.action).inc()
+                        if verdict.action == SEEK:
+                            log.warning("%s[%s]: %s; seeking back", msg.topic, msg.partition, verdict.reason)
+                            seeks[msg.tp] = verdict.offset
+                        continue
+                    if verdict.reason:
+                        log.error("%s[%s]: %s", msg.topic, msg.partition, verdict.reason)
                     view.current_event = event
                     for o in step(event, view):
                         records.append((o.topic, o.key, o.value, list(o.headers) or None, None))
+                    processed.append(msg)
                 for k, (value, event) in view.touched.items():
-                    with _as_if_from(event):  # the store keeps the key in the event's partition
+                    with faust_shims.writing_as(event):  # the store keeps the key in the event's partition
                         table.data[k] = value
+                    index.put(event.message.partition, k, value)
                     # one changelog write per key per batch, in the event's partition, as faust would write it
-                    records.append((changelog, k, _changelog_value(value), None, event.message.partition))
+                    records.append((changelog, k, faust_shims.changelog_value(value), None, event.message.partition))
                 delivery = outputs.produce(records)
+                for tp, offset in seeks.items():
+                    metrics.OFFSET_SEEKS.labels(tp.topic).inc()
+                    await app.consumer.seek(tp, offset)
                 if in_flight is not None:
                     await in_flight  # at most one batch in flight; batches are acked in order
-                in_flight = asyncio.ensure_future(_acked(stream, table, events, delivery))
+                in_flight = asyncio.ensure_future(_acked(stream, table, events, processed, delivery, ledger))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a stage gives data errors back as dead letters: what escapes is infrastructure
+            _fatal(f"stage {stage}", exc)
         finally:
             if in_flight is not None and not in_flight.done():
                 in_flight.cancel()
@@ -327,42 +186,49 @@ def build_app(settings: Settings, pipeline: Pipeline | None = None) -> faust.App
             return []
         return pipeline.guard(rec, view)
 
+    def track_step(event: Any, view: _BatchView) -> list[Out]:
+        msg = event.message
+        try:
+            _, rec = pipeline.codec.decode(msg.value)
+        except DecodeError as exc:  # only Concord writes these topics: say so loudly, and go on
+            log.error("exception record %s/%s/%s cannot be decoded: %s", msg.topic, msg.partition, msg.offset, exc)
+            metrics.DEADLETTERS.labels(msg.topic, "decode").inc()
+            return []
+        old = view.get(msg.key)
+        if not newer(old, rec):
+            return []
+        view[msg.key] = table_record(rec)
+        if rec["state"] == "escalated":
+            escalating.discard(msg.key)
+        if old and old["state"] == "escalated" and rec["state"] in ("resolved", "discarded") and rec.get(
+                "blocks_billing"):
+            return [pipeline.billing_hold(rec, pipeline.clock(), hold=False)]
+        return []
+
     @app.agent(changes, name="order_changes")
     async def order_changes(stream: Any) -> None:
         """Decode, validate and order every change; forward applied events keyed by customer."""
-        await run_batches(stream, guard_step, entity_to_cursor)
+        await run_batches(stream, guard_step, entity_to_cursor, "order_changes")
 
     @app.agent(accepted, name="decide_changes")
     async def decide_changes(stream: Any) -> None:
         """Apply accepted events to the customer status table and issue commands and exceptions."""
-        await run_batches(stream, lambda event, view: pipeline.decide(_record(event), view), customer_to_status)
+        await run_batches(stream, lambda event, view: pipeline.decide(_record(event), view), customer_to_status,
+                          "decide_changes")
 
     @app.agent(raised, name="track_exceptions")
     async def track_exceptions(stream: Any) -> None:
         """Keep every exception's latest state in exception_to_record; release billing holds when closed."""
-        async for event in stream.events():
-            msg = event.message
-            try:
-                _, rec = pipeline.codec.decode(msg.value)
-            except DecodeError as exc:  # only Concord writes these topics: say so loudly, and go on
-                log.error("exception record %s/%s/%s cannot be decoded: %s", msg.topic, msg.partition, msg.offset, exc)
-                metrics.DEADLETTERS.labels(msg.topic, "decode").inc()
-                continue
-            old = exception_to_record.get(msg.key)
-            if not newer(old, rec):
-                continue
-            exception_to_record[msg.key] = table_record(rec)
-            if rec["state"] == "escalated":
-                escalating.discard(msg.key)
-            if old and old["state"] == "escalated" and rec["state"] in ("resolved", "discarded") and rec.get(
-                    "blocks_billing"):
-                await send_all([pipeline.billing_hold(rec, pipeline.clock(), hold=False)])
+        await run_batches(stream, track_step, exception_to_record, "track_exceptions")
 
     @app.timer(interval=settings.sla_check_interval_s)
     async def escalate_overdue() -> None:
         """Escalate every exception held here whose SLA ran out unresolved."""
         now = pipeline.clock()
-        for key, rec in list(exception_to_record.items()):
+        index = indexes[exception_to_record]
+        active = faust_shims.active_partitions(app, exception_to_record)
+        for key in index.keys(active):
+            rec = exception_to_record.get(key)
             if rec and rec["state"] in ("open", "acknowledged") and rec["sla_deadline"] <= now \
                     and key not in escalating:
                 escalating.add(key)
@@ -383,15 +249,8 @@ def build_app(settings: Settings, pipeline: Pipeline | None = None) -> faust.App
 
     @app.task
     async def learn_changelog_partitions() -> None:
-        """Fetch the changelog topics' metadata into faust's producer, which routes web requests by key.
-
-        faust maps a key to the worker that owns it through its own producer's metadata; the outputs and
-        changelog records go through Concord's producer, so that metadata would otherwise never be fetched
-        and /customers/{id} and /exceptions/{id} would fail to route.
-        """
-        producer = app.producer._ensure_producer()  # noqa: SLF001 - faust keeps the aiokafka producer here
-        for table in (entity_to_cursor, customer_to_status, exception_to_record):
-            await producer.partitions_for(table.changelog_topic.get_topic_name())
+        """Let faust route web requests by key although outputs and changelogs go through Concord's producer."""
+        await faust_shims.learn_partitions(app, [t.changelog_topic.get_topic_name() for t in indexes])
 
     @app.task
     async def quiet_libraries() -> None:
@@ -423,6 +282,21 @@ def build_app(settings: Settings, pipeline: Pipeline | None = None) -> faust.App
             gc.collect(1)
         gc.freeze()
 
+    @app.timer(interval=settings.gauge_interval_s)
+    async def measure_tables() -> None:
+        """Gauges from table state on the partitions this worker holds, so they equal what the queues show."""
+        for table, index in indexes.items():
+            active = faust_shims.active_partitions(app, table)
+            if not index.built(active):
+                index.rebuild(active, ((_partition_of(table, k, v), k, v) for k, v in table.items()))
+        pipeline.gapped = indexes[entity_to_cursor].keys_by_partition()
+        metrics.PARKED.set(sum(indexes[t].total(faust_shims.active_partitions(app, t)).get("parked", 0)
+                               for t in (entity_to_cursor, customer_to_status)))
+        opened = indexes[exception_to_record].total(faust_shims.active_partitions(app, exception_to_record))
+        metrics.EXCEPTIONS_OPEN.clear()
+        for (owner, reason), n in opened.items():
+            metrics.EXCEPTIONS_OPEN.labels(owner, reason).set(n)
+
     @app.timer(interval=5.0)
     async def measure_lag() -> None:
         """concord_consumer_lag: records not yet consumed, per assigned input partition."""
@@ -441,8 +315,7 @@ def build_app(settings: Settings, pipeline: Pipeline | None = None) -> faust.App
         now = pipeline.clock()
         value = pipeline.codec.encode("control", {"action": "tick", "guard_key": None, "actor": None, "at": now})
         assigned = {tp.partition for tp in app.consumer.assignment() if tp.topic == topics.GUARD_CONTROLS.name}
-        for p in sorted(assigned):
-            await controls.send(key=b"", value=value, partition=p)
+        await outputs.send([(topics.GUARD_CONTROLS.name, b"", value, None, p) for p in sorted(assigned)])
 
     @app.page("/metrics")
     async def metrics_page(web: Any, request: Any) -> Any:
@@ -462,10 +335,29 @@ def build_app(settings: Settings, pipeline: Pipeline | None = None) -> faust.App
 
     from concord.domain.flow_config import load_flow_config
 
-    desk = Desk(app, settings.credentials(), load_flow_config(), customer_to_status, exception_to_record, actions,
-                controls, pipeline)
+    desk = Desk(app, settings.credentials(), load_flow_config(), customer_to_status, exception_to_record,
+                topics.EXCEPTION_ACTIONS.name, topics.GUARD_CONTROLS.name, pipeline)
+    desk.publish = send_all  # the owners' actions go through the worker's one producer
     register_views(app, desk)
     return app
+
+
+def _partition_of(table: Any, key: bytes, value: Any) -> int:
+    """The partition a table key lives in: the one its input record came from."""
+    if table.name == "entity_to_cursor" and isinstance(value, dict) and "p" in value:
+        return int(value["p"])  # keyed by (source, entity, id) but partitioned by the changes topic's key
+    return faust_shims.partition_of(table, key)
+
+
+async def _acked(stream: Any, table: Any, events: list[Any], processed: list[Any], delivery: asyncio.Future,
+                 ledger: OffsetLedger) -> None:
+    """Wait until the broker acknowledged a batch's outputs, then mark its records decided in the ledger."""
+    written = await delivery
+    faust_shims.persisted(table, written)
+    for msg in processed:
+        ledger.done(msg.tp, msg.offset)
+    for event in events:
+        faust_shims.ack(stream, event)
 
 
 class _BatchView:

@@ -16,11 +16,12 @@ import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import Consumer, TopicPartition
 
 from concord.contracts import topics
 from concord.contracts.codec import Codec
 from concord.runtime.broker import ensure_topics, free_port, open_broker
+from concord.runtime.producer import new_producer
 
 
 def say(msg: str) -> None:
@@ -66,7 +67,7 @@ def _event(eid: str, system: str, entity: str, entity_id: str, cid: str, seq: in
 
 def produce(bootstrap: str, records: list[tuple[str, bytes, bytes]], topic: str | None = None) -> None:
     """Publish records and wait for every acknowledgement."""
-    p = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5, "partitioner": "murmur2_random"})
+    p = new_producer(bootstrap)
     for i, (t, k, v) in enumerate(records):
         p.produce(topic or t, key=k, value=v)
         if i % 10_000 == 0:
@@ -197,7 +198,7 @@ def measure_concord(bs: str, deals: list[tuple[str, bytes, bytes]], run: str, ra
     watch.result()  # the customers are applied before the timed deals
     latencies: list[float] = []
     watch = watch_commands(bs, len(lat_deals), timeout, latencies)
-    p = Producer({"bootstrap.servers": bs, "linger.ms": 0, "partitioner": "murmur2_random"})
+    p = new_producer(bs, **{"linger.ms": 0})
     codec = Codec()
     say(f"steady {rate:.0f} events/s for {seconds:.0f}s")
     start = time.perf_counter()

@@ -16,6 +16,7 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
     "concord.runtime.worker",
     "concord.tools.demo",
     "concord.tools.bench",
+    "concord.tools.chaos",
     "concord.owners.cli",
     "connectors.inbound.ingest",
     "connectors.inbound.webhooks",

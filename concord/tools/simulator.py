@@ -11,12 +11,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from confluent_kafka import Producer
-
 from concord.contracts import events as ev
 from concord.contracts import topics
 from concord.contracts.codec import Codec
 from concord.exceptions import BrokerError
+from concord.runtime.producer import new_producer
 
 DAY = 86_400_000
 HOUR = 3_600_000
@@ -225,9 +224,7 @@ class Simulator:
     def publish(self, bootstrap: str, records: list[Planned],
                 progress: Callable[[int, int], None] | None = None) -> list[Published]:
         """Publish ``records`` in order and return where each landed (from the broker's acknowledgements)."""
-        producer = Producer({"bootstrap.servers": bootstrap, "partitioner": "murmur2_random", "linger.ms": 5,
-                             "enable.idempotence": False, "max.in.flight.requests.per.connection": 1,
-                             "acks": "all"})
+        producer = new_producer(bootstrap)
         landed: list[Published | None] = [None] * len(records)
         errors: list[str] = []
 

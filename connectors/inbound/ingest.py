@@ -258,13 +258,12 @@ class Publisher:
     """A Kafka producer (Java-compatible partitioner) that publishes a batch and waits for its acknowledgements."""
 
     def __init__(self, bootstrap: str, timeout_s: float = 30.0, codec: Codec | None = None) -> None:
-        from confluent_kafka import Producer
+        from concord.runtime.producer import new_producer
 
         self.timeout_s = timeout_s
         self.codec = codec or Codec()
-        self.producer = Producer({"bootstrap.servers": bootstrap, "partitioner": "murmur2_random", "acks": "all",
-                                  "linger.ms": int(os.environ.get("CONCORD_PRODUCER_LINGER_MS", "5")),
-                                  "message.timeout.ms": int(timeout_s * 1000)})
+        self.producer = new_producer(bootstrap, **{"linger.ms": int(os.environ.get("CONCORD_PRODUCER_LINGER_MS", "5")),
+                                                   "message.timeout.ms": int(timeout_s * 1000)})
 
     def publish(self, batch: Batch) -> list[tuple[str, int, int]]:
         """Produce every event and dead letter of ``batch``; raise PublishError unless all were acknowledged.

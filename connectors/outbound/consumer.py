@@ -31,6 +31,7 @@ from concord.domain.routing import Routing, load_routing
 from concord.domain.rules import stable_id
 from concord.exceptions import ConcordError, DecodeError
 from concord.runtime.canary import is_canary
+from concord.runtime.producer import new_producer
 from connectors.outbound.base import Command, FatalError, PermanentError, Result, Target, TransientError
 from connectors.outbound.metrics import ADAPTER_APPLY_SECONDS, ADAPTER_COMMANDS
 
@@ -179,8 +180,7 @@ class Adapter:
         """Produce one record and wait for the broker's acknowledgement; AdapterError (not committed) if none."""
         errors: list[Any] = []
         if self._producer is None:
-            self._producer = Producer({"bootstrap.servers": self.bootstrap, "partitioner": "murmur2_random",
-                                       "acks": "all", "linger.ms": 0})
+            self._producer = new_producer(self.bootstrap, **{"linger.ms": 0})
         try:
             self._producer.produce(topic, key=key, value=value, headers=list(headers),
                                    on_delivery=lambda err, _msg: errors.append(err) if err else None)

@@ -329,6 +329,10 @@ def test_a_rejected_command_is_sent_again_when_its_owner_resolves_it(broker, wor
                      and any(g.key == exc["exception_id"].encode() and g.record["state"] == "resolved" for g in got))
     [closed] = [g.record for g in got if g.key == exc["exception_id"].encode() and g.record["state"] == "resolved"]
     assert closed["resolution"]["patch"] == {"action": "resend_command"} and closed["resolution"]["by"] == "revenue-ops"
+    deadline = time.monotonic() + 30  # the tracker takes the resolution from the queue into its table
+    while api(worker, "GET", f"/exceptions/{exc['exception_id']}", TOKENS["revenue-ops"])[1].get("state") != "resolved":
+        assert time.monotonic() < deadline, "the tracker never recorded the resolution"
+        time.sleep(0.2)
     code, body = api(worker, "POST", f"/exceptions/{exc['exception_id']}/discard", TOKENS["revenue-ops"],
                      customer=f"c-{uid}", note="done")
     assert code == 409 and "already resolved" in body["error"]
