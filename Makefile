@@ -47,10 +47,10 @@ demo: $(STAMP) ## run the main job on an embedded broker with the business simul
 	$(VENV)/bin/concord demo $(DEMO_ARGS)
 
 test: $(STAMP) $(APT_STAMP) $(KAFKA_STAMP) ## the whole suite; broker tests on Tansu and on Apache Kafka
-	$(PY) -m pytest --brokers=tansu,kafka $(PYTEST_ARGS)
+	$(PY) -m pytest --brokers=tansu,kafka-$(KAFKA_VERSION) $(PYTEST_ARGS)
 
-test-kafka: $(STAMP) $(APT_STAMP) $(KAFKA_STAMP) ## the broker tests on Apache Kafka alone
-	$(PY) -m pytest -m broker --brokers=kafka $(PYTEST_ARGS)
+test-kafka: $(STAMP) $(APT_STAMP) $(KAFKA_STAMP) ## the broker tests on Apache Kafka alone (KAFKA_VERSION=3.9.2 for the 3.9 line)
+	$(PY) -m pytest -m broker --brokers=kafka-$(KAFKA_VERSION) $(PYTEST_ARGS)
 
 java: ## install Java 17 and Maven from Debian where missing (needs root or sudo)
 	@if ! command -v java >/dev/null || ! command -v mvn >/dev/null; then \

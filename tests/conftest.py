@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
+import re
 import uuid
 from collections import defaultdict
 from collections.abc import Iterator
 
 import pytest
 
-from concord.runtime.broker import Broker, ensure_topics, kafka_version, open_broker
+from concord.runtime.broker import Broker, ensure_topics, kafka_version, open_broker, start_kafka
 
 # what --brokers names, and the label each gets in test ids and the matrix line
 _KINDS = {"tansu": "embedded", "kafka": "kafka", "container": "container"}
@@ -18,7 +19,7 @@ _KINDS = {"tansu": "embedded", "kafka": "kafka", "container": "container"}
 def pytest_addoption(parser: pytest.Parser) -> None:
     """--brokers: which brokers the broker tests run on (make test passes tansu,kafka)."""
     parser.addoption("--brokers", default=os.environ.get("CONCORD_TEST_BROKERS", "tansu"),
-                     help="comma-separated brokers to run broker tests on: tansu, kafka, container "
+                     help="comma-separated brokers to run broker tests on: tansu, kafka, kafka-X.Y.Z, container "
                           "(default $CONCORD_TEST_BROKERS or tansu; KAFKA_BOOTSTRAP_SERVERS overrides)")
 
 
@@ -26,9 +27,10 @@ def _labels(config: pytest.Config) -> list[str]:
     if os.environ.get("KAFKA_BOOTSTRAP_SERVERS"):
         return ["external"]
     names = [n.strip() for n in config.getoption("--brokers").split(",") if n.strip()]
-    unknown = [n for n in names if n not in _KINDS]
+    unknown = [n for n in names if n not in _KINDS and not re.fullmatch(r"kafka-\d+\.\d+\.\d+", n)]
     if unknown or not names:
-        raise pytest.UsageError(f"--brokers: unknown {unknown}; expected some of {', '.join(_KINDS)}")
+        raise pytest.UsageError(f"--brokers: unknown {unknown}; expected some of {', '.join(_KINDS)} "
+                                "or kafka-X.Y.Z")
     return [f"kafka-{kafka_version()}" if n == "kafka" else n for n in names]
 
 
@@ -43,8 +45,15 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 def broker(request: pytest.FixtureRequest) -> Iterator[Broker]:
     """The session's broker of this matrix entry: Tansu, Apache Kafka from the cache, a container, or external."""
     label = request.param
-    kind = None if label == "external" else _KINDS["kafka" if label.startswith("kafka-") else label]
-    with open_broker(kind) as b:
+    if label.startswith("kafka-"):  # this version of Apache Kafka, fetched into the cache if need be
+        b = start_kafka(version=label.removeprefix("kafka-"))
+        try:
+            ensure_topics(b.bootstrap_servers)
+            yield b
+        finally:
+            b.stop()
+        return
+    with open_broker(None if label == "external" else _KINDS[label]) as b:
         ensure_topics(b.bootstrap_servers)
         yield b
 
@@ -93,7 +102,7 @@ class _Matrix:
     def pytest_terminal_summary(self, terminalreporter) -> None:
         for line in self.figures:
             terminalreporter.write_line(f"figure: {line}")
-        if not self.total:
+        if not self.total or terminalreporter.config.option.collectonly:
             return
         ok: dict[str, int] = defaultdict(int)
         for nodeid in self.passed - self.failed:
