@@ -254,6 +254,8 @@ def test_inbox_page_resolves_with_a_real_click_in_headless_chromium(broker, work
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions
+    from selenium.webdriver.support.ui import WebDriverWait
 
     bs = broker.bootstrap_servers
     cid, deal = f"ib-{uid}", f"ibd-{uid}"
@@ -283,11 +285,13 @@ def test_inbox_page_resolves_with_a_real_click_in_headless_chromium(broker, work
         assert "x-" + eid not in driver.page_source, "the queue is not shown before signing in"
         driver.find_element(By.ID, "token").send_keys(TOKENS["revenue-ops"])
         driver.find_element(By.ID, "login").click()
-        item = driver.find_element(By.ID, f"x-{eid}")
+        # the click submits a form: the queue is on the page the browser loads next, not yet on this one
+        item = WebDriverWait(driver, 30).until(expected_conditions.presence_of_element_located((By.ID, f"x-{eid}")))
         assert "missing_billing_account" in item.text and f"cus_ib_{uid}" in item.text
         item.find_element(By.CSS_SELECTOR, "form.resolve input[name=choose][value='1']").click()
         item.find_element(By.CSS_SELECTOR, "form.resolve button.resolve-btn").click()
-        assert "accepted" in driver.find_element(By.ID, "msg").text
+        msg = WebDriverWait(driver, 30).until(expected_conditions.presence_of_element_located((By.ID, "msg")))
+        assert "accepted" in msg.text
     finally:
         driver.quit()
     got = read_until(bs, since, lambda got: any(g.topic == "commands.billing" and g.record["type"] == "create_invoice"
