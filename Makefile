@@ -16,7 +16,7 @@ KAFKA_CACHE := $(or $(CONCORD_CACHE_DIR),$(HOME)/.cache/concord)/kafka-$(KAFKA_V
 KAFKA_STAMP := $(KAFKA_CACHE)/libs/.complete
 JAVA_PACKAGES := openjdk-17-jre-headless maven
 
-.PHONY: help install demo test test-kafka kafka kafka-fetch java lint bench chaos clean system-packages
+.PHONY: help install demo test test-kafka kafka kafka-fetch java lint bench chaos fuzz clean system-packages
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -43,7 +43,8 @@ $(APT_STAMP): Makefile | $(STAMP)  # a new package in the list re-runs the check
 	fi
 	@touch $@
 
-demo: $(STAMP) ## run the main job on an embedded broker with the business simulator, then report
+demo: $(STAMP) ## run the main job on an embedded broker with the business simulator, then report (DEMO_ARGS=--serve keeps it up with the owners' inbox)
+	@case " $(DEMO_ARGS) " in *" --serve "*) ;; *) echo ">> tip: make demo DEMO_ARGS=--serve keeps broker, worker and adapters running after the report and prints the owners' inbox address with a credential per team (Ctrl-C stops)";; esac
 	$(VENV)/bin/concord demo $(DEMO_ARGS)
 
 test: $(STAMP) $(APT_STAMP) $(KAFKA_STAMP) ## the whole suite; broker tests on Tansu and on Apache Kafka
@@ -77,6 +78,9 @@ bench: $(STAMP) ## throughput and latency on the embedded broker; prints a `benc
 
 chaos: $(STAMP) ## kill workers and adapters under load (SIGKILL, SIGTERM, two workers); prints a `chaos:` line
 	$(VENV)/bin/concord chaos $(CHAOS_ARGS)
+
+fuzz: $(STAMP) ## mutated vendor payloads per connector and signed hostile bodies at the receiver; prints a `fuzz:` line
+	$(PY) -m connectors.inbound.fuzz $(FUZZ_ARGS)
 
 clean: ## remove the virtual environment and local state
 	rm -rf $(VENV) .concord .pytest_cache .hypothesis

@@ -16,7 +16,7 @@ SCHEMA_DIR = Path(__file__).resolve().parent
 # Files that define named types other files use come first.
 SCHEMA_FILES: tuple[str, ...] = (
     "line", "customer", "deal", "job", "invoice", "payment",
-    "change_event", "command", "exception", "dead_letter", "decision", "control", "action",
+    "change_event", "command", "exception", "dead_letter", "decision", "control", "action", "config_change",
 )
 _PRIMITIVES = {"null", "boolean", "int", "long", "float", "double", "bytes", "string"}
 
@@ -78,3 +78,26 @@ def _without_logical_types(node: Any) -> Any:
 def fingerprint(parsed: Any) -> bytes:
     """The 8-byte CRC-64-AVRO fingerprint used by Avro single-object encoding."""
     return bytes.fromhex(_fingerprint(to_parsing_canonical_form(parsed), "CRC-64-AVRO"))
+
+
+# Earlier versions of changed schemas, kept so that records they wrote still decode: <name>-<fingerprint>.avsc.
+HISTORY_DIR = SCHEMA_DIR / "history"
+
+
+def parse(doc: dict[str, Any]) -> Any:
+    """A self-contained schema document parsed as ``load`` parses the current ones (timestamps as longs)."""
+    return fastavro.parse_schema(_without_logical_types(doc))
+
+
+def history(directory: Path = HISTORY_DIR) -> list[tuple[str, dict[str, Any]]]:
+    """``(schema name, self-contained document)`` of every earlier version kept in ``directory``."""
+    if not directory.is_dir():
+        return []
+    out = []
+    for path in sorted(directory.glob("*.avsc")):
+        name, _, fp = path.stem.rpartition("-")
+        doc = json.loads(path.read_text())
+        if name not in SCHEMA_FILES or fingerprint(parse(doc)).hex() != fp:
+            raise ValueError(f"{path}: not a version of a schema in SCHEMA_FILES named by its fingerprint")
+        out.append((name, doc))
+    return out

@@ -11,7 +11,7 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 
 from concord.contracts import topics
 from concord.contracts.codec import Codec
-from concord.tools.report import end_offsets  # noqa: F401 - re-exported for the tests
+from concord.tools.report import end_offsets, start_group_at_end  # noqa: F401 - re-exported for the tests
 
 CODEC = Codec()
 
@@ -77,25 +77,3 @@ def change(uid: str, entity: str, entity_id: str, seq: int, payload: dict | None
                trace_id=f"trace-{entity_id}", payload=payload)
     rec.update(kw)
     return topics.changes_topic(system, entity), entity_id.encode(), CODEC.encode("change_event", rec)
-
-
-def start_group_at_end(bootstrap: str, group: str, names: list[str]) -> None:
-    """Commit ``group``'s offsets at today's end of ``names``, so a new worker sees only what comes next.
-
-    The embedded broker reports a partition's end as the base offset of its last batch + 1, so read on from
-    there to the real end before committing.
-    """
-    ends = end_offsets(bootstrap, names)
-    c = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False,
-                  "fetch.wait.max.ms": 50})
-    try:
-        c.assign([TopicPartition(t, p, o) for (t, p), o in ends.items()])
-        quiet_until = time.monotonic() + 0.5
-        while time.monotonic() < quiet_until:
-            m = c.poll(0.05)
-            if m is not None and not m.error():
-                ends[(m.topic(), m.partition())] = max(ends[(m.topic(), m.partition())], m.offset() + 1)
-                quiet_until = time.monotonic() + 0.5
-        c.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in ends.items()], asynchronous=False)
-    finally:
-        c.close()

@@ -91,11 +91,19 @@ EXCEPTION_ACTIONS = TopicSpec(
     "owners' acknowledgements, resolutions and discards, co-partitioned with accepted.changes",
 )
 AUDIT = TopicSpec("audit.decisions", "decision", "trace_id", "every decision Concord made, with its reason")
+CONFIG_CHANGES = TopicSpec("audit.config_changes", "config_change", "the new configuration digest",
+                           "applied flow and routing configuration changes: who approved, when, what they change",
+                           partitions=1)
+INTERNAL_DEADLETTERS = tuple(
+    TopicSpec(deadletter_topic(t.name), "dead_letter", "original key", f"records of {t.name} a worker could not "
+              "use, with the original bytes")
+    for t in (GUARD_CONTROLS, ACCEPTED, EXCEPTION_ACTIONS, *EXCEPTIONS)
+)
 
 ALL: tuple[TopicSpec, ...] = (
     *CHANGES, *DEADLETTERS, *INGEST_DEADLETTERS, ACCEPTED, GUARD_CONTROLS, *COMMANDS, *COMMAND_DEADLETTERS,
     *EXCEPTIONS,
-    EXCEPTION_ACTIONS, AUDIT,
+    EXCEPTION_ACTIONS, AUDIT, CONFIG_CHANGES, *INTERNAL_DEADLETTERS,
 )
 # What a worker's consumer group reads: stage one, stage two and the exception tracker.
 WORKER_INPUTS: tuple[str, ...] = (

@@ -1,1 +1,1 @@
-"""The owners' side: exception queues, actions on them, and the `concord exceptions` command."""
+"""The owners' side: exception queues and actions, the workspace pages, `concord exceptions` and `checklist`."""

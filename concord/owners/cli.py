@@ -89,6 +89,16 @@ def _act(args: argparse.Namespace, action: str) -> int:
     return 1
 
 
+def _checklist(args: argparse.Namespace) -> int:
+    from concord.owners.checklist import Checklist, render_text
+
+    data = _call(args, "GET", "/checklist")
+    checklist = Checklist.from_dict(data)
+    print(json.dumps(data, indent=2, sort_keys=True) if args.json else render_text(checklist), end="" if not args.json
+          else "\n")
+    return 1 if checklist.needs_attention else 0
+
+
 def _trace(args: argparse.Namespace) -> int:
     import uuid
 
@@ -193,6 +203,16 @@ def register(sub: Any) -> None:
             v.add_argument("--why", required=True, help="why it needs no replay")
         action = {"ack": "acknowledge", "resolve": "resolve", "discard": "discard"}[verb]
         v.set_defaults(func=lambda a, action=action: _act(a, action))
+    c = sub.add_parser("checklist", help="the Monday-morning checklist from a running worker (exit 1: needs attention)",
+                       description="Flows and their owners, exceptions past SLA per owner, the last canary run, dead "
+                       "letters since last week by reason, rule-change checks and the runbooks this week's "
+                       "resolutions used. Exit status 0 when all is clear, 1 when something needs attention (so cron "
+                       "can mail it), 2 on a usage error.")
+    c.add_argument("--url", default=os.environ.get("CONCORD_URL", "http://127.0.0.1:6066"),
+                   help="a worker's web address (default $CONCORD_URL or http://127.0.0.1:6066)")
+    c.add_argument("--token", help="any owner team's credential (default $CONCORD_TOKEN)")
+    c.add_argument("--json", action="store_true", help="print the checklist as JSON")
+    c.set_defaults(func=_checklist)
     t = sub.add_parser("trace", help="the chain of decisions, exceptions and commands for one trace id",
                        description="Read audit.decisions, commands.* and exceptions.* and print everything that "
                        "carries TRACE_ID, in time order: from the source event to the final command.")

@@ -1,17 +1,18 @@
-"""The owners' side of exceptions on a worker: an HTTP API and an inbox page, both per team.
+"""The owners' side of exceptions on a worker: the logic behind the HTTP API and the workspace pages.
 
 Every request carries a team credential (``Authorization: Bearer <token>``, or the inbox's cookie). A team
-sees and acts on its own queue only. Actions are checked here against the customer's status — a bad patch
-is refused at once and changes nothing — then published to ``actions.exceptions``, where the customer's
-stage-two agent applies them in order with the customer's events and replays the rules.
+sees and acts on its own queue only; the cross-team views get summaries without an item's details. Actions
+are checked here against the customer's status — a bad patch is refused at once and changes nothing — then
+published to ``actions.exceptions``, where the customer's stage-two agent applies them in order with the
+customer's events and replays the rules.
 """
 
 from __future__ import annotations
 
 import hmac
-import html
 import json
 import time
+import urllib.parse
 import uuid
 from typing import Any
 
@@ -23,7 +24,10 @@ from concord.exceptions import ValidationError
 from concord.runtime.pipeline import Out, customer_key
 
 OPEN_STATES = ("open", "acknowledged", "escalated")
+SUMMARY_FIELDS = ("exception_id", "reason_code", "state", "owner", "backup_owner", "severity", "opened_at",
+                  "sla_deadline", "updated_at", "entity_type", "entity_id", "customer_id", "customer_key")
 ACTIONS = ("acknowledge", "resolve", "discard")
+
 
 
 class Refused(Exception):
@@ -34,8 +38,11 @@ class Refused(Exception):
         self.status = status
 
 
-def table_record(rec: dict[str, Any]) -> dict[str, Any]:
-    """An exception record as JSON for the exception_to_record table (bytes as hex)."""
+HISTORY_MAX = 50  # an item reopened many times keeps its latest steps
+
+
+def table_record(rec: dict[str, Any], old: dict[str, Any] | None = None) -> dict[str, Any]:
+    """An exception record as JSON for the exception_to_record table (bytes as hex), with its history so far."""
     out = dict(rec)
     orig = rec.get("original")
     if orig:
@@ -43,17 +50,44 @@ def table_record(rec: dict[str, Any]) -> dict[str, Any]:
                            "key": (orig.get("key") or b"").hex(), "value": orig["value"].hex()}
     out["customer_key"] = customer_key({"customer_id": rec.get("customer_id"), "entity_type": rec["entity_type"],
                                         "entity_id": rec["entity_id"]}).decode()
+    if old and old["owner"] != rec["owner"]:  # escalated or handed back: the new team assigns its own people
+        out["assignee"], out["assigned_by"] = None, None
+    elif rec.get("assignee") is None and old:  # records from the rules do not know who it was assigned to
+        out["assignee"], out["assigned_by"] = old.get("assignee"), old.get("assigned_by")
+    history = list((old or {}).get("history") or [])
+    if old is None or old["opened_at"] != rec["opened_at"]:
+        history.append({"at": rec["opened_at"], "step": "opened", "owner": rec["owner"], "by": None})
+    step = _step(old, out)
+    if step:
+        who = (rec.get("resolution") or {}).get("by") if step in ("resolved", "discarded", "acknowledged") else None
+        history.append({"at": rec["updated_at"], "step": step, "owner": rec["owner"],
+                        "by": who or out.get("assigned_by"), "assignee": out.get("assignee")})
+    out["history"] = history[-HISTORY_MAX:]
     return out
+
+
+def _step(old: dict[str, Any] | None, new: dict[str, Any]) -> str | None:
+    """What changed between two versions of an exception, as a history step (None: nothing to record)."""
+    if old is None or old["opened_at"] != new["opened_at"]:
+        return str(new["state"]) if new["state"] != "open" else None
+    if old["state"] != new["state"]:
+        return str(new["state"])
+    if (new.get("assignee") or "") != (old.get("assignee") or ""):
+        return "assigned" if new.get("assignee") else "unassigned"
+    return None
 
 
 def wire_record(rec: dict[str, Any]) -> dict[str, Any]:
     """A table record back into the shape of schemas/exception.avsc."""
-    out = {k: v for k, v in rec.items() if k != "customer_key"}
+    out = {k: v for k, v in rec.items() if k not in _TABLE_ONLY}
     orig = rec.get("original")
     if orig:
         out["original"] = {"topic": orig["topic"], "partition": orig["partition"], "offset": orig["offset"],
                            "key": bytes.fromhex(orig["key"]) or None, "value": bytes.fromhex(orig["value"])}
     return out
+
+
+_TABLE_ONLY = ("customer_key", "history")
 
 
 def newer(old: dict[str, Any] | None, new: dict[str, Any]) -> bool:
@@ -80,8 +114,7 @@ class Desk:
     # ---- who is asking -----------------------------------------------------------------------
     def team_of(self, request: Any) -> str:
         """The team whose credential the request carries; 401 without a valid one."""
-        header = request.headers.get("Authorization", "")
-        token = header[7:].strip() if header.startswith("Bearer ") else request.cookies.get("concord_token", "")
+        token = self.token_of(request)
         if not self.credentials:
             raise Refused(401, "no owner credentials are configured on this worker (CONCORD_OWNER_TOKENS)")
         if not token:
@@ -108,24 +141,130 @@ class Desk:
             raise Refused(403, f"exception {exception_id} belongs to {rec['owner']}, not {team}")
         return rec
 
-    async def from_peers(self, request: Any) -> list[dict[str, Any]]:
+    def token_of(self, request: Any) -> str:
+        """The credential a request carries (header or the inbox's cookie), as sent on to other workers."""
+        header = request.headers.get("Authorization", "")
+        return header[7:].strip() if header.startswith("Bearer ") else request.cookies.get("concord_token", "")
+
+    async def from_peers(self, request: Any, query: dict[str, str] | None = None) -> list[dict[str, Any]]:
         """The same query answered by every other worker holding part of the exception table."""
         own = str(self.app.conf.canonical_url).rstrip("/")
         peers = sorted(str(h).rstrip("/") for h in self.app.router.table_metadata(self.exceptions.name))
         out: list[dict[str, Any]] = []
-        query = {**request.query, "local": "1"}
+        query = {**(request.query if query is None else query), "local": "1"}
         for peer in peers:
             if peer == own:
                 continue
             try:
                 async with self.app.http_client.get(f"{peer}/exceptions", params=query, headers={
-                        "Authorization": request.headers.get("Authorization", "")}, timeout=10) as resp:
+                        "Authorization": f"Bearer {self.token_of(request)}"}, timeout=10) as resp:
                     if resp.status != 200:
                         raise Refused(502, f"worker {peer} answered {resp.status}: {await resp.text()}")
                     out += await resp.json()
             except OSError as exc:
                 raise Refused(503, f"worker {peer} holds part of the queue and cannot be reached: {exc}") from None
         return out
+
+    def everything(self) -> list[dict[str, Any]]:
+        """Every exception record this worker holds, of every team and in every state, as summaries.
+
+        Any team may see these (they feed the cross-team reconciliation and checklist): what an item says and
+        suggests stays with its own team. The amount at risk is worked out here, where the status may be.
+        """
+        from concord.owners.picture import amount_at_risk, currency_of
+
+        out = []
+        for r in self.exceptions.values():
+            if r:
+                status = self.statuses.get(r["customer_key"].encode()) if r.get("customer_key") else None
+                out.append({**{k: r.get(k) for k in SUMMARY_FIELDS}, "amount_at_risk_cents": amount_at_risk(r, status),
+                            "currency": currency_of(r, status),
+                            "resolution": {k: (r.get("resolution") or {}).get(k) for k in ("by", "at")}})
+        return out
+
+    async def gathered(self, request: Any, local: list[dict[str, Any]], query: dict[str, str]) -> list[dict[str, Any]]:
+        """``local`` records plus the same query's answer from the other workers, latest version of each."""
+        latest: dict[str, dict[str, Any]] = {}
+        for rec in local + await self.from_peers(request, query):  # a standby copy may also be listed
+            if rec["exception_id"] not in latest or newer(latest[rec["exception_id"]], rec):
+                latest[rec["exception_id"]] = rec
+        return sorted(latest.values(), key=lambda r: (r["sla_deadline"], r["exception_id"]))
+
+    async def assign(self, team: str, exception_id: str, person: str, user: str | None) -> dict[str, Any]:
+        """Assign one of the team's open exceptions to a person on it (an empty name unassigns)."""
+        rec = self.one(team, exception_id)
+        if rec["state"] not in OPEN_STATES:
+            raise Refused(409, f"exception {exception_id} is already {rec['state']}")
+        person = person.strip()
+        if len(person) > 80 or any(not (c.isalnum() or c in " .-_@'") for c in person):
+            raise Refused(400, "a person's name: up to 80 letters, digits, spaces and . - _ @ '")
+        by = f"{team}:{user}" if user else team
+        now = int(time.time() * 1000)
+        done = {**wire_record(rec), "assignee": person, "assigned_by": by, "updated_at": max(now, rec["updated_at"])}
+        await self.publish([Out(exceptions_topic(done["owner"]), exception_id.encode(),
+                                self.pipeline.codec.encode("exception", done))])
+        return {"accepted": True, "exception_id": exception_id, "action": "assign", "assignee": person, "by": by}
+
+    def _elsewhere(self, table: Any, key: bytes) -> str | None:
+        """The address of the worker holding ``key`` of ``table``, or None when it is this one (or unknown)."""
+        try:
+            dest = str(self.app.router.key_store(table.name, key)).rstrip("/")
+        except KeyError:  # no assignment yet: this worker is all there is
+            return None
+        return None if dest == str(self.app.conf.canonical_url).rstrip("/") else dest
+
+    async def _call(self, method: str, url: str, token: str, params: list[tuple[str, str]] | None = None) -> Any:
+        async with self.app.http_client.request(method, url, params=params or [], timeout=15,
+                                                headers={"Authorization": f"Bearer {token}"}) as resp:
+            text = await resp.text()
+            try:
+                body = json.loads(text)
+            except ValueError:
+                body = {"error": text}
+            if resp.status >= 400:
+                raise Refused(resp.status, body.get("error", text) if isinstance(body, dict) else text)
+            return body
+
+    async def status_anywhere(self, ckey: str, token: str) -> dict[str, Any] | None:
+        """A customer's status from whichever worker holds it (None when nothing is known of the customer)."""
+        where = self._elsewhere(self.statuses, ckey.encode())
+        if where is None:
+            return self.statuses.get(ckey.encode())
+        try:
+            return await self._call("GET", f"{where}/customers/{urllib.parse.quote(ckey, safe='')}", token)
+        except Refused as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    async def record_anywhere(self, team: str, exception_id: str, token: str) -> dict[str, Any]:
+        """One of the team's exception records, from whichever worker holds it."""
+        where = self._elsewhere(self.exceptions, exception_id.encode())
+        if where is None:
+            return self.one(team, exception_id)
+        return await self._call("GET", f"{where}/exceptions/{urllib.parse.quote(exception_id, safe='')}", token)
+
+    async def act_anywhere(self, token: str, team: str, exception_id: str, action: str, ckey: str, sets: list[str],
+                           choose: str | None, note: str, user: str | None) -> dict[str, Any]:
+        """act(), on the worker holding the customer's status (a form's fields travel as the API's query)."""
+        where = self._elsewhere(self.statuses, ckey.encode())
+        if where is None:
+            return await self.act(team, exception_id, action, ckey, sets, choose, note, user)
+        params = [("customer", ckey), ("note", note)] + [("set", s) for s in sets]
+        params += [("choose", choose)] if choose else []
+        params += [("user", user)] if user else []
+        return await self._call("POST", f"{where}/exceptions/{urllib.parse.quote(exception_id, safe='')}/{action}",
+                                token, params)
+
+    async def assign_anywhere(self, token: str, team: str, exception_id: str, person: str,
+                              user: str | None) -> dict[str, Any]:
+        """assign(), on the worker holding the exception's record."""
+        where = self._elsewhere(self.exceptions, exception_id.encode())
+        if where is None:
+            return await self.assign(team, exception_id, person, user)
+        params = [("assignee", person)] + ([("user", user)] if user else [])
+        return await self._call("POST", f"{where}/assignments/{urllib.parse.quote(exception_id, safe='')}", token,
+                                params)
 
     # ---- acting --------------------------------------------------------------------------------
     async def act(self, team: str, exception_id: str, action: str, ckey: str, sets: list[str], choose: str | None,
@@ -212,47 +351,6 @@ class Desk:
             Out(exceptions_topic(done["owner"]), exception_id.encode(), self.pipeline.codec.encode("exception", done))]
         await self.publish(outs)
         return {"accepted": True, "exception_id": exception_id, "action": action, "by": by}
-
-
-_LOGIN = """<form method=post action=/inbox/login><label>Team credential
-<input type=password name=token id=token autocomplete=off></label> <button id=login>Sign in</button></form>"""
-
-
-def _page(title: str, body: str) -> str:
-    return (f"<!doctype html><html><head><meta charset=utf-8><title>{html.escape(title)}</title><style>"
-            "body{font:14px system-ui;margin:2em}li{border:1px solid #ccc;margin:.5em 0;padding:.6em;list-style:none}"
-            ".late{color:#b00}.err{color:#b00}small{color:#555}</style></head>"
-            f"<body><h1>{html.escape(title)}</h1>{body}</body></html>")
-
-
-def _inbox(team: str, queue: list[dict[str, Any]], query: Any) -> str:
-    now = int(time.time() * 1000)
-    parts = []
-    if query.get("msg"):
-        parts.append(f"<p id=msg>{html.escape(query['msg'])}</p>")
-    parts.append(f"<p>{len(queue)} open, soonest SLA first.</p><ul id=queue>")
-    for r in queue:
-        left = (r["sla_deadline"] - now) / 60_000
-        when = f"{left:.0f} min left" if left >= 0 else f"<span class=late>{-left:.0f} min past SLA</span>"
-        eid = html.escape(r["exception_id"])
-        options = "".join(
-            f"<label><input type=radio name=choose value={i}> {html.escape(s['field'])} = "
-            f"<b>{html.escape(s['value'])}</b> <small>{html.escape(s.get('label', ''))}</small></label><br>"
-            for i, s in enumerate(r.get("suggestions") or [], 1))
-        hidden = (f"<input type=hidden name=exception_id value={eid}>"
-                  f"<input type=hidden name=customer value=\"{html.escape(r['customer_key'])}\">")
-        parts.append(
-            f"<li id=\"x-{eid}\" data-reason={html.escape(r['reason_code'])}><b>{html.escape(r['reason_code'])}</b> "
-            f"{html.escape(r['entity_type'])} {html.escape(r['entity_id'])} · customer "
-            f"{html.escape(r.get('customer_id') or '?')} · {r['state']} · {when}"
-            f"<p>{html.escape(r['message'])}</p>"
-            f"<form method=post action=/inbox class=resolve>{hidden}{options}"
-            f"<label>or set field=value <textarea name=set rows=1 cols=40></textarea></label> "
-            f"<button name=action value=resolve class=resolve-btn>Resolve</button></form>"
-            f"<form method=post action=/inbox class=discard>{hidden}<input name=note placeholder=why> "
-            f"<button name=action value=discard>Discard</button></form></li>")
-    parts.append("</ul>")
-    return "".join(parts)
 
 
 def render_record(rec: dict[str, Any]) -> str:

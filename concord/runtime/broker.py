@@ -167,7 +167,8 @@ def fetch_kafka(version: str | None = None, log=None) -> Path:
 def _java(libs: Path, main: str, *args: str, heap: str = KAFKA_HEAP) -> list[str]:
     # C1 only and the serial collector: a test broker starts faster and spends less of two shared cores
     return ["java", heap, "-Xss1m", "-XX:+UseSerialGC", "-XX:TieredStopAtLevel=1", "-Djava.awt.headless=true",
-            f"-Dorg.slf4j.simpleLogger.defaultLogLevel={os.environ.get('CONCORD_KAFKA_LOG_LEVEL', 'warn')}", "-cp", f"{libs}/*", main, *args]
+            f"-Dorg.slf4j.simpleLogger.defaultLogLevel={os.environ.get('CONCORD_KAFKA_LOG_LEVEL', 'warn')}",
+            "-cp", f"{libs}/*", main, *args]
 
 
 @dataclass

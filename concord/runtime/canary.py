@@ -38,6 +38,7 @@ class Canary:
         self.customer_id = f"{CANARY_PREFIX}{app_id}"
         self.codec = Codec()
         self.pending: dict[str, float] = {}  # deal id -> when its event was published
+        self.last: tuple[int, str] | None = None  # (ms, outcome) of the latest finished run, for the checklist
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="concord-canary", daemon=True)
 
@@ -82,10 +83,12 @@ class Canary:
                     sent = self.pending.pop(cmd["entity_id"], None)
                     if sent is not None and cmd["type"] == "create_invoice":
                         metrics.CANARY_RUNS.labels("succeeded").inc()
+                        self.last = (int(time.time() * 1000), "succeeded")
                 for deal_id, sent in list(self.pending.items()):
                     if time.monotonic() - sent > self.timeout_s:
                         del self.pending[deal_id]
                         metrics.CANARY_RUNS.labels("failed").inc()
+                        self.last = (int(time.time() * 1000), "failed")
                         log.warning("canary: no create_invoice for %s within %.0fs", deal_id, self.timeout_s)
         finally:
             consumer.close()

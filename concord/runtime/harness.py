@@ -17,7 +17,12 @@ from concord.runtime.pipeline import Out, Pipeline, Record
 
 
 class InProcess:
-    """Feed encoded change records; read what the topology produced and the tables it left."""
+    """Feed encoded records on any topic a worker reads; read what the topology produced and the tables it left.
+
+    Records reach the stage the worker runs for their topic (changes.* and guard.controls: the guard;
+    accepted.changes and actions.exceptions: the status table; exceptions.*: exception tracking), and what a
+    stage produces on accepted.changes or an exceptions queue is fed on, as the broker would.
+    """
 
     def __init__(self, cfg: FlowConfig | None = None, routing: Routing | None = None, now: int = 0,
                  gap_wait_ms: int = 1000) -> None:
@@ -32,13 +37,16 @@ class InProcess:
                                  act=lambda s, a, n: rules.act(s, a, self.cfg, n))
         self.cursors: dict[bytes, Any] = {}
         self.statuses: dict[bytes, Any] = {}
+        self.exception_records: dict[bytes, Any] = {}
         self.out: list[Out] = []
-        self.offsets: dict[str, int] = {}
+        self.offsets: dict[tuple[str, int], int] = {}  # (topic, partition) -> last offset fed
 
-    def feed(self, topic: str, key: bytes, value: bytes) -> None:
-        """One record arrives on a changes topic."""
-        offset = self.offsets[topic] = self.offsets.get(topic, -1) + 1
-        self._run(self.pipeline.guard(Record(topic, 0, offset, key, value), self.cursors))
+    def feed(self, topic: str, key: bytes | None, value: bytes | None, partition: int = 0,
+             headers: dict[str, bytes] | None = None) -> Record:
+        """One record arrives on ``topic``; returns it as the stage saw it (with its offset)."""
+        rec = Record(topic, partition, self._next_offset(topic, partition), key, value, headers or {})
+        self._run(self._stage(rec))
+        return rec
 
     def feed_event(self, event: dict[str, Any]) -> None:
         """Encode and feed one canonical event on its topic."""
@@ -47,21 +55,29 @@ class InProcess:
 
     def act(self, action: dict[str, Any]) -> None:
         """An owner's action arrives (see schemas/action.avsc)."""
-        offset = self.offsets[topics.EXCEPTION_ACTIONS.name] = self.offsets.get(topics.EXCEPTION_ACTIONS.name, -1) + 1
-        self._run(self.pipeline.decide(Record(topics.EXCEPTION_ACTIONS.name, 0, offset,
-                                              action["customer_key"].encode(), self.codec.encode("action", action)),
-                                       self.statuses))
+        self.feed(topics.EXCEPTION_ACTIONS.name, action["customer_key"].encode(), self.codec.encode("action", action))
 
     def tick(self) -> None:
         """A timer tick on the guard's partition."""
         self._run(self.pipeline.tick(0, self.cursors))
 
+    def _next_offset(self, topic: str, partition: int) -> int:
+        offset = self.offsets[(topic, partition)] = self.offsets.get((topic, partition), -1) + 1
+        return offset
+
+    def _stage(self, rec: Record) -> list[Out]:
+        if rec.topic in (topics.ACCEPTED.name, topics.EXCEPTION_ACTIONS.name):
+            return self.pipeline.decide(rec, self.statuses)
+        if rec.topic in _EXCEPTION_QUEUES:
+            return self.pipeline.track(rec, self.exception_records)
+        return self.pipeline.guard(rec, self.cursors)
+
     def _run(self, outs: list[Out]) -> None:
         for o in outs:
             self.out.append(o)
-            if o.topic == topics.ACCEPTED.name:
-                self._run(self.pipeline.decide(Record(o.topic, 0, 0, o.key, o.value, dict(o.headers)),
-                                               self.statuses))
+            if o.topic == topics.ACCEPTED.name or o.topic in _EXCEPTION_QUEUES:
+                rec = Record(o.topic, 0, self._next_offset(o.topic, 0), o.key, o.value, dict(o.headers))
+                self._run(self._stage(rec))
 
     def records(self, where: Callable[[str], bool]) -> list[dict[str, Any]]:
         """Decoded records produced on topics ``where`` accepts, in order."""
@@ -74,3 +90,10 @@ class InProcess:
     def exceptions(self) -> list[dict[str, Any]]:
         """Every exception record produced (opened and resolved)."""
         return self.records(lambda t: t.startswith("exceptions."))
+
+    def dead_letters(self) -> list[Out]:
+        """Every dead letter produced, each with its typed ``dead_letter``."""
+        return [o for o in self.out if o.dead_letter is not None]
+
+
+_EXCEPTION_QUEUES = frozenset(t.name for t in topics.EXCEPTIONS)

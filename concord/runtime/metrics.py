@@ -65,3 +65,6 @@ CANARY_RUNS = Counter(
 INGESTED = Counter(
     "concord_ingested_total", "Native records taken in by a connector, by source and outcome (published, "
     "duplicate, rejected).", ["source", "outcome"], registry=REGISTRY)
+CONFIG_INFO = Gauge(
+    "concord_config_info", "The flow and routing configuration this process runs: 1, labelled by its digest.",
+    ["digest"], registry=REGISTRY)

@@ -2,6 +2,11 @@
 
 The faust agents in concord/runtime/worker.py only move records between topics and tables and call these
 methods, so the same topology runs in tests and benchmarks without a broker.
+
+Every stage has a named error policy (``ErrorPolicy``, declared beside it): a record the stage cannot use
+becomes a dead letter with its original bytes and the stage's table is left as it was, so nothing a stage
+is given can make it raise; infrastructure errors (broker, registry, store) propagate, so the worker
+crashes without committing and the record is processed again.
 """
 
 from __future__ import annotations
@@ -15,14 +20,30 @@ from typing import Any
 
 from concord.contracts import topics
 from concord.contracts.codec import Codec
-from concord.contracts.validate import validate_change
+from concord.contracts.deadletter import (
+    DEFAULT_MAX_RECORD_BYTES,
+    SRC_OFFSET,
+    SRC_PARTITION,
+    SRC_TOPIC,
+    DeadLetter,
+    Origin,
+    dead_letter,
+)
+from concord.contracts.validate import validate_action, validate_change, validate_control, validate_exception
 from concord.domain import guard
 from concord.domain.ids import command_id, stable_id
 from concord.domain.status import clone
-from concord.exceptions import DecodeError, ValidationError
+from concord.exceptions import (
+    ConcordError,
+    DecodeError,
+    EncodeError,
+    RuleError,
+    TooLarge,
+    ValidationError,
+)
 from concord.runtime import metrics
 
-SRC_TOPIC, SRC_PARTITION, SRC_OFFSET = "concord-src-topic", "concord-src-partition", "concord-src-offset"
+__all__ = ["SRC_OFFSET", "SRC_PARTITION", "SRC_TOPIC", "ErrorPolicy", "Out", "Pipeline", "Record"]
 
 
 def now_ms() -> int:
@@ -41,6 +62,11 @@ class Record:
     value: bytes | None
     headers: dict[str, bytes] = field(default_factory=dict)
 
+    @property
+    def origin(self) -> Origin:
+        """Where this record came from."""
+        return Origin(self.topic, self.partition, self.offset, self.key, self.value)
+
 
 @dataclass(frozen=True)
 class Out:
@@ -50,6 +76,76 @@ class Out:
     key: bytes
     value: bytes
     headers: tuple[tuple[str, bytes], ...] = ()
+    dead_letter: DeadLetter | None = field(default=None, compare=False)  # set on a record a stage could not use
+
+
+# Errors a record causes by itself: processing it again raises them again, so it is dead-lettered, not retried.
+# Each belongs to the step named in the dead letter's ``stage``; processing bugs that one record triggers
+# (KeyError and kin) count as that record's data error, or it would stop its partition for good.
+_STEPS: tuple[tuple[type[Exception], str], ...] = (
+    (DecodeError, "decode"), (ValidationError, "validate"), (RuleError, "process"), (EncodeError, "process"),
+    (KeyError, "process"), (TypeError, "process"), (ValueError, "process"), (AttributeError, "process"),
+    (IndexError, "process"), (ArithmeticError, "process"),
+)
+
+
+@dataclass(frozen=True)
+class ErrorPolicy:
+    """A stage's named error policy: the topics it reads and the errors that make a record a dead letter."""
+
+    stage: str  # the worker agent the stage runs in
+    reads: tuple[str, ...]
+    data_errors: tuple[type[Exception], ...] = tuple(t for t, _ in _STEPS)
+
+    def step(self, exc: Exception) -> str:
+        """The step a data error belongs to: decode, validate or process."""
+        return next(step for kind, step in _STEPS if isinstance(exc, kind))
+
+
+# One policy per stage, for every topic a worker reads (a test holds this to topics.WORKER_INPUTS).
+ORDER_CHANGES = ErrorPolicy("order_changes", tuple(t.name for t in topics.CHANGES))
+CONTROL_GUARDS = ErrorPolicy("control_guards", (topics.GUARD_CONTROLS.name,))
+DECIDE_CHANGES = ErrorPolicy("decide_changes", (topics.ACCEPTED.name,))
+ACT_ON_EXCEPTIONS = ErrorPolicy("act_on_exceptions", (topics.EXCEPTION_ACTIONS.name,))
+TRACK_EXCEPTIONS = ErrorPolicy("track_exceptions", tuple(t.name for t in topics.EXCEPTIONS))
+POLICIES: tuple[ErrorPolicy, ...] = (ORDER_CHANGES, CONTROL_GUARDS, DECIDE_CHANGES, ACT_ON_EXCEPTIONS, TRACK_EXCEPTIONS)
+
+
+class _Staged:
+    """A table as one record's processing sees it: writes are kept back until the record succeeded."""
+
+    __slots__ = ("table", "writes")
+
+    def __init__(self, table: MutableMapping[bytes, Any]) -> None:
+        self.table = table
+        self.writes: dict[bytes, Any] = {}
+
+    def get(self, key: bytes, default: Any = None) -> Any:
+        if key in self.writes:
+            return self.writes[key]
+        return self.table.get(key, default)
+
+    def __getitem__(self, key: bytes) -> Any:
+        return self.get(key)
+
+    def __setitem__(self, key: bytes, value: Any) -> None:
+        self.writes[key] = value
+
+    def commit(self) -> None:
+        for key, value in self.writes.items():
+            self.table[key] = value
+
+
+def _rule(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` with any error of its own (not Concord's) raised as RuleError naming the rule."""
+    def call(*args: Any) -> Any:
+        try:
+            return fn(*args)
+        except ConcordError:
+            raise
+        except Exception as exc:  # rules are pure: whatever they raise, they raise again for this record
+            raise RuleError(f"rule {name} raised {type(exc).__name__}: {exc}") from exc
+    return call
 
 
 def customer_key(event: dict[str, Any]) -> bytes:
@@ -70,25 +166,43 @@ class Pipeline:
     def __init__(self, codec: Codec, decide: Callable[[Any, dict[str, Any], int], Any],
                  route: Callable[[dict[str, Any], int], dict[str, Any]], gap_wait_ms: int = 300_000,
                  clock: Callable[[], int] = now_ms, parks: Callable[[str], bool] = lambda reason: False,
-                 act: Callable[[Any, dict[str, Any], int], Any] | None = None) -> None:
+                 act: Callable[[Any, dict[str, Any], int], Any] | None = None,
+                 max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES) -> None:
         self.codec = codec
-        self._decide = decide  # (status, event, now_ms) -> Outcome(status, commands, exceptions[, facts])
-        self._route = route  # (exception draft, now_ms) -> full exception record with owner and SLA
+        self._decide = _rule("decide", decide)  # (status, event, now_ms) -> Outcome(status, commands, exceptions)
+        self._route = _rule("route", route)  # (exception draft, now_ms) -> full exception record with owner and SLA
         self.gap_wait_ms = gap_wait_ms
         self.clock = clock
-        self._parks = parks  # reason code -> whether later events of the entity wait behind it
-        self._act = act  # (status, owner action, now_ms) -> Outcome; raises ValidationError for a bad patch
+        self._parks = _rule("parks", parks)  # reason code -> whether later events of the entity wait behind it
+        # (status, owner action, now_ms) -> Outcome; raises ValidationError for a bad patch
+        self._act = _rule("act", act) if act is not None else None
+        self.max_record_bytes = max_record_bytes  # a larger input could not be forwarded: it is dead-lettered
         self.gapped: dict[int, set[bytes]] = {}  # partition -> guard keys with parked events
+
+    def _apply(self, policy: ErrorPolicy, rec: Record, table: MutableMapping[bytes, Any],
+               step: Callable[[Record, MutableMapping[bytes, Any]], list[Out]]) -> list[Out]:
+        """Run ``step`` on one record under ``policy``: its outputs, or its dead letter and the table untouched."""
+        if rec.value is not None and len(rec.value) > self.max_record_bytes:
+            exc = TooLarge(f"record is {len(rec.value)} bytes, over the {self.max_record_bytes}-byte limit")
+            return self.dead_letter(rec, "decode", exc, policy)
+        staged: Any = _Staged(table)  # a mapping to the stage, whatever the table behind it
+        try:
+            outs = step(rec, staged)
+        except policy.data_errors as exc:
+            return self.dead_letter(rec, policy.step(exc), exc, policy)
+        staged.commit()
+        return outs
 
     # ---- stage one: per entity -------------------------------------------------------------
     def guard(self, rec: Record, cursors: MutableMapping[bytes, Any]) -> list[Out]:
-        """Decode, validate and order one changes record; return what to produce."""
-        try:
-            _, event = self.codec.decode(rec.value)
-            validate_change(event, rec.topic)
-        except (DecodeError, ValidationError) as exc:
-            stage = "decode" if isinstance(exc, DecodeError) else "validate"
-            return self.dead_letter(rec, stage, exc)
+        """Decode, validate and order one changes record (or obey a guard.controls one); return what to produce."""
+        if rec.topic == topics.GUARD_CONTROLS.name:
+            return self.control(rec, cursors)
+        return self._apply(ORDER_CHANGES, rec, cursors, self._guard)
+
+    def _guard(self, rec: Record, cursors: MutableMapping[bytes, Any]) -> list[Out]:
+        _, event = self.codec.decode_topic(rec.topic, rec.value)
+        validate_change(event, rec.topic)
         gkey = guard.guard_key(event["source_system"], event["entity_type"], event["entity_id"]).encode()
         ref = [rec.topic, rec.partition, rec.offset, rec.value.hex() if rec.value else "", customer_key(event).decode()]
         incoming = guard.Incoming(event["seq"], event["event_id"], content_digest(event), event["seq_contiguous"],
@@ -108,6 +222,17 @@ class Pipeline:
         outcome = "parked" if verdict.kind == guard.PARK else verdict.kind
         metrics.EVENTS.labels(rec.topic, outcome).inc()
         return [self.decision(rec.topic, rec.partition, rec.offset, event, outcome, verdict.reason)]
+
+    def control(self, rec: Record, cursors: MutableMapping[bytes, Any]) -> list[Out]:
+        """Obey one guard.controls record: a timer tick, or an owner releasing an entity's parked events."""
+        return self._apply(CONTROL_GUARDS, rec, cursors, self._control)
+
+    def _control(self, rec: Record, cursors: MutableMapping[bytes, Any]) -> list[Out]:
+        _, control = self.codec.decode_topic(rec.topic, rec.value)
+        validate_control(control)
+        if control["action"] == "tick":
+            return self.tick(rec.partition, cursors)
+        return self.release(control["guard_key"].encode(), cursors)
 
     def tick(self, partition: int, cursors: MutableMapping[bytes, Any]) -> list[Out]:
         """Raise a sequence_gap exception for every gap on ``partition`` that waited too long."""
@@ -166,10 +291,12 @@ class Pipeline:
         """Apply one accepted event to its customer's status and emit commands, exceptions and audit."""
         if rec.topic == topics.EXCEPTION_ACTIONS.name:
             return self.act(rec, statuses)
-        src = (rec.headers.get(SRC_TOPIC, rec.topic.encode()).decode(),
-               int(rec.headers.get(SRC_PARTITION, str(rec.partition).encode())),
-               int(rec.headers.get(SRC_OFFSET, str(rec.offset).encode())))
-        _, event = self.codec.decode(rec.value)
+        return self._apply(DECIDE_CHANGES, rec, statuses, self._decide_one)
+
+    def _decide_one(self, rec: Record, statuses: MutableMapping[bytes, Any]) -> list[Out]:
+        src = _source(rec)
+        _, event = self.codec.decode_topic(rec.topic, rec.value)
+        validate_change(event, src[0])
         key = rec.key or customer_key(event)
         status = statuses.get(key)
         blocker = self._blocker(status, event["entity_type"], event["entity_id"])
@@ -265,10 +392,11 @@ class Pipeline:
     # ---- owners' actions on exceptions ---------------------------------------------------------
     def act(self, rec: Record, statuses: MutableMapping[bytes, Any]) -> list[Out]:
         """Acknowledge, resolve (patch and replay) or discard an exception, in order with the customer's events."""
-        try:
-            _, action = self.codec.decode(rec.value)
-        except DecodeError as exc:
-            return self.dead_letter(rec, "decode", exc)
+        return self._apply(ACT_ON_EXCEPTIONS, rec, statuses, self._act_one)
+
+    def _act_one(self, rec: Record, statuses: MutableMapping[bytes, Any]) -> list[Out]:
+        _, action = self.codec.decode_topic(rec.topic, rec.value)
+        validate_action(action, rec.key)
         key = action["customer_key"].encode()
         status = statuses.get(key)
         entry = (status or {}).get("exceptions", {}).get(action["exception_id"]) if isinstance(status, dict) else None
@@ -372,21 +500,34 @@ class Pipeline:
         return [Out(topics.exceptions_topic(record["owner"]), record["exception_id"].encode(),
                     self.codec.encode("exception", record))]
 
+    # ---- exception tracking -------------------------------------------------------------------
+    def track(self, rec: Record, records: MutableMapping[bytes, Any]) -> list[Out]:
+        """Keep an exception's latest state in ``records`` (exception_to_record); release a hold when it closes."""
+        return self._apply(TRACK_EXCEPTIONS, rec, records, self._track)
+
+    def _track(self, rec: Record, records: MutableMapping[bytes, Any]) -> list[Out]:
+        from concord.owners.desk import newer, table_record  # desk builds on this module
+
+        _, exc = self.codec.decode_topic(rec.topic, rec.value)
+        validate_exception(exc, rec.key)
+        key = exc["exception_id"].encode()
+        old = records.get(key)
+        if not newer(old, exc):
+            return []
+        records[key] = table_record(exc, old)  # old: the history the inbox shows
+        if old and old["state"] == "escalated" and exc["state"] in ("resolved", "discarded") and exc["blocks_billing"]:
+            return [self.billing_hold(exc, self.clock(), hold=False)]
+        return []
+
     # ---- records about records ---------------------------------------------------------------
-    def dead_letter(self, rec: Record, stage: str, exc: Exception) -> list[Out]:
-        """A dead-letter record with the original bytes, and the audit decision saying so."""
-        now = self.clock()
-        error_type = type(exc).__name__
-        dl = {"original_topic": rec.topic, "original_partition": rec.partition, "original_offset": rec.offset,
-              "original_key": rec.key, "original_value": rec.value, "stage": stage, "error_type": error_type,
-              "error": str(exc), "failed_at": now}
-        headers = (("concord-stage", stage.encode()), ("concord-error", str(exc).encode()[:1000]),
-                   ("concord-error-type", error_type.encode()), (SRC_TOPIC, rec.topic.encode()),
-                   (SRC_PARTITION, str(rec.partition).encode()), (SRC_OFFSET, str(rec.offset).encode()))
+    def dead_letter(self, rec: Record, stage: str, exc: Exception, policy: ErrorPolicy | None = None) -> list[Out]:
+        """A dead-letter record with the original bytes (or their prefix, size and sha256), and its audit decision."""
+        dl = dead_letter(rec.origin, stage, type(exc).__name__, str(exc), self.clock(), self.max_record_bytes,
+                         policy.stage if policy else "")
         metrics.DEADLETTERS.labels(rec.topic, stage).inc()
         metrics.EVENTS.labels(rec.topic, "dead_lettered").inc()
-        return [Out(topics.deadletter_topic(rec.topic), rec.key or b"", self.codec.encode("dead_letter", dl), headers),
-                self.decision(rec.topic, rec.partition, rec.offset, None, "dead_lettered", f"{stage}: {exc}")]
+        return [Out(dl.topic, dl.key or b"", self.codec.encode("dead_letter", dl.record()), tuple(dl.headers()), dl),
+                self.decision(rec.topic, rec.partition, rec.offset, None, "dead_lettered", f"{stage}: {dl.error}")]
 
     def decision(self, topic: str, partition: int, offset: int, event: dict[str, Any] | None, outcome: str,
                  reason: str, command_ids: list[str] | None = None, exception_ids: list[str] | None = None,
@@ -402,6 +543,16 @@ class Pipeline:
             "actor": actor, "decided_at": self.clock(),
         }
         return Out(topics.AUDIT.name, (ev.get("trace_id") or "").encode(), self.codec.encode("decision", rec))
+
+
+def _source(rec: Record) -> tuple[str, int, int]:
+    """The changes record an accepted one was forwarded from, as its headers say."""
+    try:
+        return (rec.headers.get(SRC_TOPIC, rec.topic.encode()).decode(),
+                int(rec.headers.get(SRC_PARTITION, str(rec.partition).encode())),
+                int(rec.headers.get(SRC_OFFSET, str(rec.offset).encode())))
+    except ValueError as exc:  # UnicodeDecodeError is a ValueError
+        raise ValidationError(f"source headers of an accepted record do not parse: {exc}") from exc
 
 
 def _original(entry: dict[str, Any] | None, default: tuple) -> tuple:

@@ -1,7 +1,9 @@
 """`concord bench`: raw client, a hand-written reference pipeline, and Concord, on the same data.
 
 Prints events/s for each, p50/p99 publish-to-command latency at a steady rate, and one closing line:
-``bench: concord_eps=N reference_eps=N raw_eps=N ratio_ref=R p50_ms=N p99_ms=N``.
+``bench: concord_eps=N reference_eps=N raw_eps=N ratio_ref=R p50_ms=N p99_ms=N deep_ratio=R core_eps=N
+two_workers_eps=N resume_s=N`` (targets: ratio_ref >= 0.25, p99_ms <= 150, deep_ratio >= 0.8,
+core_eps >= 30,000, two_workers_eps >= 1.6 x concord_eps, resume_s <= 10 on the embedded broker).
 """
 
 from __future__ import annotations
@@ -22,6 +24,10 @@ from concord.contracts import topics
 from concord.contracts.codec import Codec
 from concord.runtime.broker import ensure_topics, free_port, open_broker
 from concord.runtime.producer import new_producer
+from concord.tools import bench_receiver
+from concord.tools.bench_audit import audit_line
+from concord.tools.bench_inbox import inbox_line
+from concord.tools.report import start_group_at_end
 
 
 def say(msg: str) -> None:
@@ -216,6 +222,57 @@ def measure_concord(bs: str, deals: list[tuple[str, bytes, bytes]], run: str, ra
     return concord, latencies
 
 
+def measure_two_workers(bs: str, run: str, n: int, timeout: float) -> float:
+    """Events/s of two worker processes sharing the partitions, on ``n`` fresh deals."""
+    from pathlib import Path
+
+    from concord.tools.demo import worker_process
+
+    setup, deals = generate(n, f"{run}w")
+    app_id = f"concord-bench2-{run}"
+    log = Path(".concord/bench")
+    start_group_at_end(bs, app_id, list(topics.WORKER_INPUTS))  # not the earlier runs' records
+    with worker_process(bs, free_port(), app_id, log / "pair-1.log"), \
+            worker_process(bs, free_port(), app_id, log / "pair-2.log"):
+        watch = watch_commands(bs, len(setup), timeout, ctype="update_customer")
+        produce(bs, setup)
+        watch.result()  # both members joined and the customers are applied
+        watch = watch_commands(bs, len(deals), timeout)
+        produce(bs, deals)
+        first, last = watch.result()
+    eps = len(deals) / max(last - first, 1e-6)
+    say(f"two workers: {eps:,.0f} events/s ({len(deals)} commands in {last - first:.2f}s)")
+    return eps
+
+
+def measure_resume(bs: str, run: str, timeout: float) -> float:
+    """Seconds from SIGKILL of a busy worker to its replacement issuing commands again."""
+    import os
+    import signal
+    from pathlib import Path
+
+    from concord.tools.demo import worker_process
+
+    app_id = f"concord-bench-resume-{run}"
+    log = Path(".concord/bench")
+    start_group_at_end(bs, app_id, list(topics.WORKER_INPUTS))
+    setup, deals = generate(2_000, f"{run}r")
+    with worker_process(bs, free_port(), app_id, log / "resume-1.log") as first:
+        watch = watch_commands(bs, len(setup), timeout, ctype="update_customer")
+        produce(bs, setup)
+        watch.result()
+        os.killpg(first.pid, signal.SIGKILL)
+        killed_at = time.time()
+        first.wait(30)
+    watch = watch_commands(bs, 1, timeout)
+    produce(bs, deals)
+    with worker_process(bs, free_port(), app_id, log / "resume-2.log"):
+        first_at, _ = watch.result()
+    resume = first_at - killed_at
+    say(f"resume after SIGKILL: {resume:.1f}s to the replacement's first command")
+    return resume
+
+
 def end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
     """The high watermark of each partition of ``topic``."""
     from concord.tools.report import end_offsets as ends
@@ -252,8 +309,20 @@ def run_bench(args: argparse.Namespace) -> int:
         p50 = statistics.median(latencies)
         p99 = latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))]
         say(f"publish-to-command latency at {args.rate:.0f}/s: p50 {p50:.0f} ms, p99 {p99:.0f} ms")
+        two = measure_two_workers(bs, run, args.events, args.timeout)
+        resume = measure_resume(bs, run, args.timeout)
+        bench_receiver.report(bs)
+    from concord.tools.bench_core import core_eps, deep_ratio
+
+    core = core_eps()
+    say(f"processing core in process: {core:,.0f} events/s")
+    deep, deep_eps, shallow_eps = deep_ratio()
+    say(f"customers holding 1,000 records: {deep_eps:,.0f} events/s; holding 10: {shallow_eps:,.0f} events/s")
     print(f"bench: concord_eps={concord:.0f} reference_eps={ref:.0f} raw_eps={raw:.0f} "
-          f"ratio_ref={concord / ref:.2f} p50_ms={p50:.0f} p99_ms={p99:.0f}")
+          f"ratio_ref={concord / ref:.2f} p50_ms={p50:.0f} p99_ms={p99:.0f} deep_ratio={deep:.2f} "
+          f"core_eps={core:.0f} two_workers_eps={two:.0f} resume_s={resume:.1f}")
+    print(audit_line())
+    print(inbox_line())
     return 0
 
 

@@ -32,7 +32,7 @@ from concord.contracts.codec import Codec
 from concord.runtime.broker import free_port
 from concord.runtime.harness import InProcess
 from concord.tools.demo import stop_process, wait_for_http
-from concord.tools.report import end_offsets
+from concord.tools.report import end_offsets, start_group_at_end
 from concord.tools.simulator import Simulator
 
 # Faults whose outcome is the same whatever the timing; sequence gaps wait on a clock, so they are left out.
@@ -185,8 +185,8 @@ class Campaign:
         ensure_topics(self.bootstrap)
         result = ChaosResult(inputs=len(self.planned))
         since = end_offsets(self.bootstrap, WATCH)
-        _start_group_at_end(self.bootstrap, self.app_id, list(topics.WORKER_INPUTS))
-        _start_group_at_end(self.bootstrap, f"{self.app_id}-adapters", [t.name for t in topics.COMMANDS])
+        start_group_at_end(self.bootstrap, self.app_id, list(topics.WORKER_INPUTS))
+        start_group_at_end(self.bootstrap, f"{self.app_id}-adapters", [t.name for t in topics.COMMANDS])
         reader = _Reader(self.bootstrap, since)
         reader.start()
         rng = random.Random(len(self.planned))
@@ -303,24 +303,6 @@ def _get_json(url: str) -> Any:
             return json.load(resp)
     except OSError:
         return None
-
-
-def _start_group_at_end(bootstrap: str, group: str, names: list[str]) -> None:
-    """Commit ``group``'s offsets at today's real end of ``names`` (past the embedded broker's early end)."""
-    ends = end_offsets(bootstrap, names)
-    c = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False,
-                  "fetch.wait.max.ms": 50})
-    try:
-        c.assign([TopicPartition(t, p, o) for (t, p), o in ends.items()])
-        quiet_until = time.monotonic() + 0.5
-        while time.monotonic() < quiet_until:
-            m = c.poll(0.05)
-            if m is not None and not m.error():
-                ends[(m.topic(), m.partition())] = max(ends[(m.topic(), m.partition())], m.offset() + 1)
-                quiet_until = time.monotonic() + 0.5
-        c.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in ends.items()], asynchronous=False)
-    finally:
-        c.close()
 
 
 def _chaos(args: argparse.Namespace) -> int:

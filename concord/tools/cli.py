@@ -21,6 +21,9 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
     "connectors.inbound.ingest",
     "connectors.inbound.webhooks",
     "connectors.outbound.cli",
+    "connectors.fetch.cli",
+    "concord.tools.audit",
+    "concord.tools.rules_diff",
 )
 
 

@@ -124,10 +124,44 @@ def run_demo(args: argparse.Namespace) -> int:
             if sample:
                 status = _status_of(port, sample)
                 say(f"concord status {sample}: {status}")
-        text = render(report)
-        print(json.dumps(report.to_dict(), indent=2, default=str) if args.json else text)
+            text = render(report)
+            print(json.dumps(report.to_dict(), indent=2, default=str) if args.json else text, flush=True)
+            if args.serve:
+                serve(broker.bootstrap_servers, port, tokens, state_dir)
         say(f"done in {time.monotonic() - started:.1f}s; stopping worker and broker")
     return 0 if report.unaccounted == 0 else 1
+
+
+def serve(bootstrap: str, port: int, tokens: dict[str, str], state_dir: Path) -> None:
+    """Keep the broker and worker up, start the sandbox adapters, and print how to sign in; until Ctrl-C."""
+    env = dict(os.environ, KAFKA_BOOTSTRAP_SERVERS=bootstrap)
+    log_path = state_dir / "adapters.log"
+    with open(log_path, "ab") as log:
+        adapters = subprocess.Popen(
+            [sys.executable, "-m", "concord.tools.cli", "adapters", "--target", "sandbox", "--db",
+             str(state_dir / "sandbox.db")], env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True)
+    try:
+        width = max(len(t) for t in tokens)
+        lines = [f"serving: the owners' inbox is at http://127.0.0.1:{port}/inbox (reconciliation "
+                 f"/inbox/reconciliation, checklist /inbox/checklist)",
+                 "sign in with the credential of a team (this run's only; they end with the demo):"]
+        lines += [f"  {team:<{width}}  {token}" for team, token in sorted(tokens.items())]
+        lines += [f"sandbox adapters apply the commands (log {log_path}); "
+                  f"`concord checklist --url http://127.0.0.1:{port} --token <credential>` works too",
+                  "press Ctrl-C to stop the adapters, the worker and the broker"]
+        for line in lines:
+            say(line)
+        told = False
+        while True:
+            time.sleep(1)
+            if adapters.poll() is not None and not told:
+                told = True
+                say(f"the sandbox adapters stopped (status {adapters.returncode}; see {log_path}); the inbox stays up")
+    except KeyboardInterrupt:
+        say("Ctrl-C: stopping")
+    finally:
+        stop_process(adapters)
 
 
 def resolve_sample(port: int, tokens: dict[str, str], report: Any, per_reason: int) -> list[str]:
@@ -209,4 +243,7 @@ def register(sub: Any) -> None:
                    "events), fed through the inbound connectors as `concord ingest` does; the report accounts for "
                    "every native record at the connector and every canonical event it published at the worker")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--serve", action="store_true",
+                   help="after the report, keep the broker and worker running, start the sandbox adapters and print "
+                   "the owners' inbox address with a credential for each team, until Ctrl-C")
     p.set_defaults(func=run_demo)

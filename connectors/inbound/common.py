@@ -12,20 +12,30 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import math
 import re
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
+from fastavro.validation import ValidationError, validate
+
+import schemas
 from concord.contracts.topics import SOURCE_OF, changes_topic
 from concord.contracts.validate import validate_change
+from connectors.inbound import boundary
+from connectors.inbound.exceptions import BadInput
 
 if TYPE_CHECKING:
     from connectors.inbound.identity import IdentityMap
 
+__all__ = ["BadInput"]  # raised by every connector; defined beside the boundary that raises it first
+
+_CHANGE_EVENT = schemas.load("change_event")
 ENTITY_TYPES = ("customer", "deal", "job", "invoice", "payment")
 
 # How an adapter marks a change it made for a Concord command, so its echo can be recognised:
@@ -34,15 +44,6 @@ ENTITY_TYPES = ("customer", "deal", "job", "invoice", "payment")
 # which Concord's command ids start with ``cmd_`` / ``cmd-``.
 _MARKED = re.compile(r"concord[:/](?P<id>[A-Za-z0-9._\-]+)")
 _BARE = re.compile(r"^(?:cmd[_-][A-Za-z0-9._\-]+)$")
-
-
-class BadInput(ValueError):
-    """A native record Concord cannot map: unparseable, or missing a field it needs."""
-
-    def __init__(self, message: str, record_id: str | None = None, raw: bytes | None = None) -> None:
-        super().__init__(message)
-        self.record_id = record_id
-        self.raw = raw  # the offending bytes when they are not the whole record (a CSV row)
 
 
 @dataclass
@@ -69,6 +70,7 @@ class Reread:
     reason: str
     dedupe_key: str
     raw: bytes = b""
+    seq: int | None = None  # the notification's place in the entity's order, for the snapshot a fetch makes
 
 
 @dataclass
@@ -111,12 +113,16 @@ def to_ms(value: Any, what: str = "timestamp") -> int | None:
     if isinstance(value, bool):
         raise BadInput(f"{what} is a boolean")
     if isinstance(value, int | float):
-        v = float(value)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise BadInput(f"{what} {value} is not a timestamp")
+        v = float(boundary.long(value, what)) if isinstance(value, int) else value
         if abs(v) >= 1e14:  # microseconds (Debezium MicroTimestamp)
-            return int(v // 1000)
-        if abs(v) >= 1e11:  # milliseconds
-            return int(v)
-        return int(v * 1000)  # seconds (Stripe)
+            ms = int(v // 1000)
+        elif abs(v) >= 1e11:  # milliseconds
+            ms = int(v)
+        else:
+            ms = int(v * 1000)  # seconds (Stripe)
+        return boundary.long(ms, what)
     if isinstance(value, datetime):
         dt = value if value.tzinfo else value.replace(tzinfo=UTC)
         return int(dt.timestamp() * 1000)
@@ -125,13 +131,30 @@ def to_ms(value: Any, what: str = "timestamp") -> int | None:
     if isinstance(value, str):
         s = value.strip()
         if re.fullmatch(r"-?\d+(\.\d+)?", s):
+            if len(s) > boundary.Limits.from_env().digits:
+                raise BadInput(f"{what} {s[:24]}... has too many digits to be a timestamp")
             return to_ms(float(s) if "." in s else int(s), what)
         try:
             dt = datetime.fromisoformat(s.replace("Z", "+00:00"))
         except ValueError:
-            raise BadInput(f"{what} {value!r} is not a timestamp") from None
+            raise BadInput(f"{what} {value[:64]!r} is not a timestamp") from None
         return to_ms(dt, what)
-    raise BadInput(f"{what} {value!r} is not a timestamp")
+    raise BadInput(f"{what} is a {type(value).__name__}, not a timestamp")
+
+
+def _decimal(value: Any, what: str, kind: str = "a number") -> Decimal:
+    """A number of any JSON or CSV form as a Decimal, converted at bounded cost; BadInput naming ``what``."""
+    if isinstance(value, bool):
+        raise BadInput(f"{what} is a boolean, not {kind}")
+    if isinstance(value, int):
+        return Decimal(boundary.long(value, what))
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise BadInput(f"{what} {value} is not {kind}")
+        return Decimal(repr(value))
+    if isinstance(value, str | Decimal):
+        return boundary.decimal(str(value), what, kind)
+    raise BadInput(f"{what} is a {type(value).__name__}, not {kind}")
 
 
 def to_cents(value: Any, what: str = "amount") -> int:
@@ -139,19 +162,65 @@ def to_cents(value: Any, what: str = "amount") -> int:
     if value is None or value == "":
         return 0
     try:
-        return int((Decimal(str(value)) * 100).quantize(Decimal(1)))
-    except InvalidOperation:
-        raise BadInput(f"{what} {value!r} is not a number") from None
+        cents = int((_decimal(value, what) * 100).quantize(Decimal(1)))
+    except ArithmeticError:  # InvalidOperation, Overflow: more digits than the context holds
+        raise BadInput(f"{what} {str(value)[:40]!r} is out of range") from None
+    return boundary.long(cents, what)
 
 
 def to_int(value: Any, what: str) -> int:
-    """An integer, or BadInput naming the field."""
+    """An integer (a fraction is truncated), or BadInput naming the field."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return boundary.long(value, what)
     try:
-        if isinstance(value, str) and "." in value:
-            return int(Decimal(value))
-        return int(value)
-    except (TypeError, ValueError, InvalidOperation):
-        raise BadInput(f"{what} {value!r} is not an integer") from None
+        return boundary.long(int(_decimal(value, what, "an integer")), what)
+    except ArithmeticError:
+        raise BadInput(f"{what} {str(value)[:40]!r} is not an integer") from None
+
+
+_NO_ATTRIBUTE = re.compile(r"'(\w+)' object has no attribute '(\w+)'")
+
+
+def unexpected(exc: Exception) -> BadInput:
+    """The BadInput for an error a mapper did not raise on purpose (a field of a shape it did not expect)."""
+    if isinstance(exc, KeyError):
+        msg = f"missing required field {_clip(repr(exc.args[0]) if exc.args else '')}"
+    elif isinstance(exc, AttributeError) and (m := _NO_ATTRIBUTE.search(str(exc))):
+        msg = f"a field that must be a JSON object is a {m.group(1)} (looked up {m.group(2)!r})"
+    elif isinstance(exc, TypeError | IndexError):
+        msg = f"a field has the wrong type or shape: {_clip(str(exc))}"
+    elif isinstance(exc, RecursionError):
+        msg = "nested too deeply to map"
+    else:
+        msg = f"cannot map this record: {type(exc).__name__}: {_clip(str(exc))}"
+    err = BadInput(msg + _where(exc))
+    err.unexpected = type(exc).__name__
+    return err
+
+
+def _where(exc: BaseException) -> str:
+    """Which connector function met the field (its name says which part of the record: ``_lines``, ``_customer``)."""
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if "/connectors/inbound/" in f.filename
+              and not f.filename.endswith(("/common.py", "/ingest.py"))]
+    if not frames:
+        return ""
+    module = frames[-1].filename.rsplit("/", 1)[-1].removesuffix(".py")
+    return f" (in {module}.{frames[-1].name})"
+
+
+def _clip(value: Any, n: int = 200) -> str:
+    text = value if isinstance(value, str) else repr(value)
+    return text if len(text) <= n else text[:n] + "..."
+
+
+def guard(fn: Callable[..., Outcome], *args: Any) -> Outcome:
+    """``fn(*args)``, any error other than BadInput turned into one: one item of a batch fails alone."""
+    try:
+        return fn(*args)
+    except BadInput:
+        raise
+    except Exception as exc:
+        raise unexpected(exc) from exc
 
 
 def require(record: dict[str, Any], *path: str, what: str | None = None) -> Any:
@@ -241,7 +310,8 @@ def deal(stage: str, name: str = "", amount_cents: int = 0, currency: str = "USD
          lines: list[dict[str, Any]] | None = None, closed_at: int | None = None,
          billing_status: str | None = None) -> dict[str, Any]:
     """A Deal record."""
-    return {"name": name or "", "stage": state(stage, DEAL_STAGES, "deal stage"), "amount_cents": int(amount_cents),
+    return {"name": name or "", "stage": state(stage, DEAL_STAGES, "deal stage"),
+            "amount_cents": to_int(amount_cents, "deal amount"),
             "currency": (currency or "USD").upper(), "lines": lines or [], "closed_at": closed_at,
             "billing_status": billing_status}
 
@@ -258,7 +328,8 @@ def invoice(status: str, deal_id: str | None = None, job_id: str | None = None, 
             issued_at: int | None = None, due_at: int | None = None) -> dict[str, Any]:
     """An Invoice record."""
     return {"status": state(status, INVOICE_STATUSES, "invoice status"), "deal_id": deal_id, "job_id": job_id,
-            "amount_due_cents": int(amount_due_cents), "amount_paid_cents": int(amount_paid_cents),
+            "amount_due_cents": to_int(amount_due_cents, "invoice amount due"),
+            "amount_paid_cents": to_int(amount_paid_cents, "invoice amount paid"),
             "currency": (currency or "USD").upper(), "lines": lines or [], "issued_at": issued_at, "due_at": due_at}
 
 
@@ -266,7 +337,8 @@ def payment(status: str, invoice_id: str | None = None, amount_cents: int = 0, c
             attempt: int = 1, failure_reason: str | None = None) -> dict[str, Any]:
     """A Payment record."""
     return {"status": state(status, PAYMENT_STATUSES, "payment status"), "invoice_id": invoice_id,
-            "amount_cents": int(amount_cents), "currency": (currency or "USD").upper(), "attempt": int(attempt),
+            "amount_cents": to_int(amount_cents, "payment amount"), "currency": (currency or "USD").upper(),
+            "attempt": to_int(attempt, "payment attempt"),
             "failure_reason": failure_reason}
 
 
@@ -287,7 +359,7 @@ def change_event(*, event_id: str, vendor: str, entity_type: str, entity_id: str
     return {
         "event_id": event_id, "source_system": SOURCE_OF[entity_type], "source_vendor": vendor,
         "entity_type": entity_type, "entity_id": str(entity_id), "customer_id": customer_id,
-        "seq": int(seq), "seq_contiguous": seq_contiguous, "op": op,
+        "seq": to_int(seq, "seq"), "seq_contiguous": seq_contiguous, "op": op,
         "occurred_at": occurred_at if occurred_at is not None else ingested, "ingested_at": ingested,
         "trace_id": trace_id or trace_id_for(event_id), "changed_fields": list(dict.fromkeys(changed_fields or [])),
         "payload": payload, "caused_by_command_id": caused_by_command_id,
@@ -295,12 +367,48 @@ def change_event(*, event_id: str, vendor: str, entity_type: str, entity_id: str
     }
 
 
+_CODEC: list[Any] = []
+
+
+def _codec() -> Any:
+    """The publishers' codec, built once."""
+    if not _CODEC:
+        from concord.contracts.codec import Codec
+
+        _CODEC.append(Codec())
+    return _CODEC[0]
+
+
 def check(event: dict[str, Any]) -> None:
-    """Raise BadInput when the event would fail the contract the workers enforce (concord/contracts/validate.py)."""
+    """Raise BadInput unless the event encodes with schemas/change_event.avsc and keeps the workers' contract.
+
+    Encoding here, while mapping, is what makes a dry run and a publish agree: an event that would fail
+    at the producer is refused before anything is sent.
+    """
+    try:
+        _codec().encode("change_event", event)  # the very encoding the publisher uses (payload typed by entity)
+    except Exception as exc:  # fastavro raises TypeError, ValueError, OverflowError, UnicodeEncodeError, ...
+        raise BadInput(f"mapped event does not fit schemas/change_event.avsc: {_schema_error(event, exc)}",
+                       _printable_id(event.get("entity_id"))) from None
     try:
         validate_change(event, changes_topic(event["source_system"], event["entity_type"]))
     except Exception as exc:
-        raise BadInput(f"mapped event breaks the contract: {exc}", event.get("entity_id")) from exc
+        raise BadInput(f"mapped event breaks the contract: {exc}", _printable_id(event.get("entity_id"))) from exc
+
+
+def _schema_error(event: dict[str, Any], exc: Exception) -> str:
+    """Which field fails the schema and how, from fastavro's validator (it names the field path)."""
+    try:
+        validate(event, _CHANGE_EVENT, raise_errors=True)
+    except ValidationError as verr:
+        return "; ".join(str(e) for e in verr.errors)[:500]
+    except Exception as vexc:  # the validator itself refused the value (e.g. a lone surrogate)
+        return f"{type(vexc).__name__}: {str(vexc)[:300]}"
+    return f"{type(exc).__name__}: {str(exc)[:300]}"
+
+
+def _printable_id(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
 
 
 def resolve_customer(ctx: Context, system: str, native_id: str | None, hints: dict[str, Any] | None = None,

@@ -43,6 +43,7 @@ import hashlib
 import io
 from typing import Any
 
+from connectors.inbound import boundary
 from connectors.inbound import common as c
 
 VENDOR = "csv"
@@ -54,8 +55,15 @@ COLUMNS = ("customer_id", "customer_name", "customer_email", "billing_account_id
 
 def read_rows(data: bytes) -> tuple[list[str], list[tuple[int, dict[str, str], bytes]]]:
     """(header, [(row number, row, the row's own CSV bytes with the header)])."""
-    text = data.decode("utf-8-sig")
-    reader = csv.reader(io.StringIO(text))
+    text = boundary.text(data, "CSV")
+    csv.field_size_limit(boundary.Limits.from_env().string_chars)  # CONCORD_INPUT_STRING_CHARS bounds a cell
+    try:
+        return _rows(csv.reader(io.StringIO(text, newline="")))
+    except csv.Error as exc:  # e.g. a cell over the limit, a bare CR inside an unquoted cell
+        raise c.BadInput(f"CSV is malformed: {exc}") from None
+
+
+def _rows(reader: Any) -> tuple[list[str], list[tuple[int, dict[str, str], bytes]]]:
     try:
         header = [h.strip().lower() for h in next(reader)]
     except StopIteration:
@@ -75,6 +83,8 @@ def read_rows(data: bytes) -> tuple[list[str], list[tuple[int, dict[str, str], b
         w.writerow(cells)
         rows.append((n, {h: (cells[i].strip() if i < len(cells) else "") for i, h in enumerate(header)},
                      buf.getvalue().encode()))
+    if not rows:  # like an empty JSON input: nothing to map is said, not passed over in silence
+        raise c.BadInput("CSV has a header row but no data rows")
     return header, rows
 
 

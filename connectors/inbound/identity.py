@@ -59,6 +59,23 @@ class IdentityMap:
             self.links[key] = customer_id
             self._dirty = True
 
+    def unlink(self, system: str, native_id: str, customer_id: str | None = None) -> None:
+        """Forget ``system``'s ``native_id`` (only if it names ``customer_id``, when given)."""
+        key = f"{system}:{native_id}"
+        if key in self.links and (customer_id is None or self.links[key] == customer_id):
+            del self.links[key]
+            self._dirty = True
+
+    def merge(self, system: str, merged_id: str, survivor_id: str) -> None:
+        """``merged_id`` was merged into ``survivor_id``: it and every link to it now name the survivor."""
+        if not merged_id or not survivor_id or merged_id == survivor_id:
+            return
+        self.link(system, merged_id, survivor_id)
+        for key, cid in list(self.links.items()):
+            if cid == merged_id:
+                self.links[key] = survivor_id
+                self._dirty = True
+
     def learn_profile(self, customer_id: str, name: str | None = None, email: str | None = None,
                       website: str | None = None) -> None:
         """Remember what identifies a customer, for ranking candidates of unresolved events."""

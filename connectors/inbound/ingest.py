@@ -9,7 +9,7 @@ only once the broker acknowledged, so a failed publish is retried rather than dr
 from __future__ import annotations
 
 import argparse
-import hashlib
+import dataclasses
 import json
 import os
 import sys
@@ -18,12 +18,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from concord.contracts import deadletter as dlb
 from concord.contracts.codec import Codec
 from concord.contracts.topics import CHANGES, INGEST_DEADLETTERS, INGEST_SOURCES, deadletter_topic
+from concord.exceptions import ConfigError
 from concord.runtime import metrics
-from connectors.inbound import canonical, csv_import, debezium, hubspot, jobber, salesforce, stripe_events
+from connectors.inbound import boundary, canonical, csv_import, debezium, hubspot, jobber, salesforce, stripe_events
 from connectors.inbound import common as c
+from connectors.inbound.debezium_mapping import load_config as load_debezium_config
 from connectors.inbound.identity import DEFAULT_PATH, IdentityMap
+from connectors.inbound.join_keys import load as load_join_keys
 
 MAPPERS = {"salesforce": salesforce, "hubspot": hubspot, "stripe": stripe_events, "debezium": debezium,
            "jobber": jobber, "canonical": canonical}
@@ -31,9 +35,10 @@ assert set(MAPPERS) | {"csv"} == set(INGEST_SOURCES)
 
 # Kafka's default largest message is about 1 MB (broker message.max.bytes 1048588, librdkafka 1000000); a canonical
 # event carries its native record's bytes, so a native record over this limit is dead-lettered instead of published.
-DEFAULT_MAX_RECORD_BYTES = 900_000
-# What a dead letter of an oversized record keeps of it: the limit less room for the rest of the record and headers.
-_DEADLETTER_OVERHEAD = 16_384
+DEFAULT_MAX_RECORD_BYTES = boundary.Limits.record_bytes
+# The longest error text and key a dead letter carries: an error may quote the bad value.
+MAX_ERROR_CHARS = 2_000
+MAX_KEY_BYTES = 512
 
 # `concord ingest` exit statuses.
 EXIT_OK, EXIT_BROKER, EXIT_UNREADABLE, EXIT_REJECTED = 0, 1, 2, 3
@@ -41,11 +46,7 @@ EXIT_OK, EXIT_BROKER, EXIT_UNREADABLE, EXIT_REJECTED = 0, 1, 2, 3
 
 def max_record_bytes() -> int:
     """The largest native record Concord publishes (CONCORD_MAX_RECORD_BYTES, default 900 KB)."""
-    raw = os.environ.get("CONCORD_MAX_RECORD_BYTES")
-    try:
-        return int(raw) if raw else DEFAULT_MAX_RECORD_BYTES
-    except ValueError:
-        raise SystemExit(f"CONCORD_MAX_RECORD_BYTES={raw!r} is not a number of bytes") from None
+    return boundary.Limits.from_env().record_bytes
 
 
 @dataclass
@@ -74,6 +75,7 @@ class Batch:
     duplicates: int = 0
     skipped: int = 0
     dedupe_keys: list[str] = field(default_factory=list)
+    unplanned: int = 0  # rejections of errors a mapper raised by accident, with a generic reason
 
     @property
     def rejected(self) -> int:
@@ -107,43 +109,59 @@ class Deduper:
                     f.write("".join(k + "\n" for k in new))
 
 
-def _parse_line(line: bytes) -> Any:
+def _parse_line(line: bytes, limits: boundary.Limits) -> Any:
     try:
-        return json.loads(line.decode("utf-8"))
-    except UnicodeDecodeError as exc:
-        return c.BadInput(f"not UTF-8 text: {exc}")
-    except ValueError as exc:
-        return c.BadInput(f"not JSON: {exc}")
+        return boundary.loads(line, _for_size(limits, len(line)))
+    except c.BadInput as exc:
+        return exc
+
+
+def _for_size(limits: boundary.Limits, size: int) -> boundary.Limits:
+    """A record over the size limit is parsed only to name it in its dead letter: its strings may be long."""
+    if size <= limits.record_bytes:
+        return limits
+    return dataclasses.replace(limits, string_chars=max(size, limits.string_chars),
+                               array_items=max(size, limits.array_items))
 
 
 def split_units(data: bytes, keep_arrays: bool = False) -> list[tuple[bytes, Any, int]]:
-    """Like ``split_json``, with the line each item starts on (1-based)."""
+    """Like ``split_json``, with the line each item starts on (1-based); every item passed the input boundary."""
     if not data.strip():
         return [(data, c.BadInput("empty input: no records"), 1)]
+    limits = boundary.Limits.from_env()
     try:
-        text = data.decode("utf-8")
-        doc = json.loads(text)
-    except ValueError as exc:  # UnicodeDecodeError is a ValueError
+        text = boundary.text(data, "input")
+        doc = boundary.loads(text, _for_size(limits, len(data)), split=not keep_arrays)
+    except c.BadInput as exc:
         lines = [(n, ln) for n, ln in enumerate(data.splitlines(), 1) if ln.strip()]
-        parsed = [(n, ln, _parse_line(ln)) for n, ln in lines]
-        if len(parsed) > 1 and any(isinstance(p, dict | list) for _, _, p in parsed):
+        parsed = [(n, ln, _parse_line(ln, limits)) for n, ln in lines] if len(lines) > 1 else []
+        if any(isinstance(p, dict | list) for _, _, p in parsed):
             return [(ln, p, n) for n, ln, p in parsed]  # JSON lines, some of them bad
-        # one document that does not parse (truncated, not JSON, not UTF-8): one dead letter with all its bytes
-        what = "not UTF-8 text" if isinstance(exc, UnicodeDecodeError) else "not JSON (truncated or malformed)"
-        return [(data, c.BadInput(f"{what}: {exc}"), 1)]
+        # one document that does not parse (truncated, not JSON, not UTF-8) or breaks a limit: one dead letter
+        if isinstance(exc, boundary.NotJSON):
+            exc = c.BadInput(f"not JSON (truncated or malformed): {str(exc).removeprefix('not JSON: ')}")
+        return [(data, exc, 1)]
     if not isinstance(doc, list) or keep_arrays:
         return [(data, doc, 1)]
-    dec = json.JSONDecoder()
-    items, i = [], text.index("[") + 1
+    dec = boundary.decoder(limits)
+    items, i, line_no, counted = [], text.index("[") + 1, 1, 0
     while True:
         while i < len(text) and text[i] in " \t\r\n,":
             i += 1
         if i >= len(text) or text[i] == "]":
             break
         obj, end = dec.raw_decode(text, i)
-        items.append((text[i:end].encode(), obj, text.count("\n", 0, i) + 1))
+        line_no += text.count("\n", counted, i)  # counted incrementally: a large array stays linear
+        counted = i
+        raw = text[i:end].encode()
+        if len(raw) <= limits.record_bytes and len(data) > limits.record_bytes:
+            try:  # the file was parsed with the limits of an oversized record; this item gets its own
+                boundary.walk(obj, limits)
+            except c.BadInput as exc:
+                obj = exc
+        items.append((raw, obj, line_no))
         i = end
-    return items
+    return items or [(data, c.BadInput("empty array: no records"), 1)]
 
 
 def split_json(data: bytes, keep_arrays: bool = False) -> list[tuple[bytes, Any]]:
@@ -155,23 +173,49 @@ def split_json(data: bytes, keep_arrays: bool = False) -> list[tuple[bytes, Any]
     return [(raw, rec) for raw, rec, _ in split_units(data, keep_arrays)]
 
 
+def _printable(value: Any, limit: int) -> str:
+    """``value`` as text that always encodes (lone surrogates escaped), at most ``limit`` characters."""
+    text = value if isinstance(value, str) else "" if value is None else repr(value)
+    if not text.isascii():
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
+
+
+def dead_letter(source: str, raw: bytes, stage: str, error_type: str, error: str, key: Any, ctx: c.Context,
+                where: str = "", limit: int | None = None) -> DeadLetter:
+    """The one way ingest builds a dead letter: it always encodes and always fits under ``limit`` bytes.
+
+    Built by the shared builder (concord.contracts.deadletter): bytes over the limit are cut, the record saying
+    how many there were and their sha256 (also in the ``concord-original-size`` / ``-sha256`` headers); the
+    error text is cut to MAX_ERROR_CHARS; a key that is not text, or not valid Unicode, is written printable.
+    """
+    limit = max_record_bytes() if limit is None else limit
+    key_bytes = _printable(key, MAX_KEY_BYTES).encode()[:MAX_KEY_BYTES] if key not in (None, "") else None
+    origin = dlb.Origin(f"ingest.{source}", -1, -1, key_bytes, raw)
+    built = dlb.dead_letter(origin, stage, _printable(error_type, 100), _printable(error, MAX_ERROR_CHARS),
+                            ctx.clock(), limit)
+    return DeadLetter(built.key, built.record(), _printable(where, 1000), list(built.headers()))
+
+
 def oversized(source: str, raw: bytes, limit: int, key: str | None, ctx: c.Context, where: str = "") -> DeadLetter:
     """The dead letter of a record over the size limit: as much of its bytes as fits, with their sha256 and size."""
-    keep = max(0, limit - _DEADLETTER_OVERHEAD)
-    digest = hashlib.sha256(raw).hexdigest()
-    dl = _deadletter(source, raw[:keep], "normalize", "TooLarge",
-                     f"record is {len(raw)} bytes, over the {limit}-byte limit (CONCORD_MAX_RECORD_BYTES); "
-                     f"original_value holds its first {min(keep, len(raw))} bytes; sha256 {digest}", key, ctx, where)
-    dl.headers = [("concord-original-size", str(len(raw)).encode()), ("concord-original-sha256", digest.encode())]
-    return dl
+    return dead_letter(source, raw, "normalize", "TooLarge",
+                       f"record is {len(raw)} bytes, over the {limit}-byte limit (CONCORD_MAX_RECORD_BYTES)",
+                       key, ctx, where, limit)
 
 
-def _deadletter(source: str, raw: bytes, stage: str, error_type: str, error: str, key: str | None,
-                ctx: c.Context, where: str = "") -> DeadLetter:
-    return DeadLetter(key.encode() if key else None, {
-        "original_topic": f"ingest.{source}", "original_partition": -1, "original_offset": -1,
-        "original_key": key.encode() if key else None, "original_value": raw, "stage": stage,
-        "error_type": error_type, "error": error, "failed_at": ctx.clock()}, where)
+def map_unit(source: str, record: Any, raw: bytes, ctx: c.Context) -> c.Outcome:
+    """Map one native record (a whole CSV file for ``csv``); raises BadInput and nothing else."""
+    try:
+        if isinstance(record, c.BadInput):
+            raise record
+        if source == "csv":
+            return csv_import.map_file(raw, ctx, record or "")
+        return MAPPERS[source].map_record(record, raw, ctx)
+    except c.BadInput:
+        raise
+    except Exception as exc:  # a shape the mapper did not expect: still the record's fault, never the run's
+        raise c.unexpected(exc) from exc
 
 
 def normalize(source: str, data: bytes, ctx: c.Context, dedupe: Deduper | None = None, name: str = "",
@@ -186,32 +230,26 @@ def normalize(source: str, data: bytes, ctx: c.Context, dedupe: Deduper | None =
     label = name or source
     outcomes: list[tuple[bytes, c.Outcome, str]] = []
     if source == "csv":
-        try:
-            outcomes.append((data, csv_import.map_file(data, ctx, name), label))
-        except (c.BadInput, UnicodeDecodeError) as exc:
-            batch.deadletters.append(_deadletter(source, data, "normalize", type(exc).__name__, str(exc), name, ctx,
-                                                 label))
+        split: list[tuple[bytes, Any, int]] = [(data, name, 0)]
     else:
-        mapper = MAPPERS[source]
         split = [(r, rec, 0) for r, rec in units] if units is not None else \
             split_units(data, keep_arrays=source == "hubspot")
-        for n, (raw, rec, line_no) in enumerate(split, 1):
-            where = label if len(split) == 1 and units is None and line_no <= 1 else \
-                f"{label} item {n}" + (f" (line {line_no})" if line_no else "")
-            if len(raw) > limit:
-                rid = rec.get("id") if isinstance(rec, dict) and isinstance(rec.get("id"), str) else None
-                batch.deadletters.append(oversized(source, raw, limit, rid, ctx, where))
-                continue
-            try:
-                if isinstance(rec, c.BadInput):
-                    raise rec
-                outcomes.append((raw, mapper.map_record(rec, raw, ctx), where))
-            except c.BadInput as exc:
-                batch.deadletters.append(_deadletter(source, exc.raw or raw, "normalize", "BadInput", str(exc),
-                                                     exc.record_id, ctx, where))
-            except (KeyError, TypeError, ValueError, AttributeError) as exc:  # shapes the mapper did not expect
-                batch.deadletters.append(_deadletter(source, raw, "normalize", type(exc).__name__,
-                                                     f"unexpected record shape: {exc}", None, ctx, where))
+    for n, (raw, rec, line_no) in enumerate(split, 1):
+        where = label if len(split) == 1 and units is None and line_no <= 1 else \
+            f"{label} item {n}" + (f" (line {line_no})" if line_no else "")
+        if len(raw) > limit and source != "csv":  # a CSV file is split into rows, each checked below
+            rid = rec.get("id") if isinstance(rec, dict) and isinstance(rec.get("id"), str) else None
+            batch.deadletters.append(oversized(source, raw, limit, rid, ctx, where))
+            continue
+        try:
+            out = map_unit(source, rec, raw, ctx)
+            if not (out.events or out.rereads or out.skipped or out.rejected):
+                raise c.BadInput("no records in this input (an empty array or batch)")
+            outcomes.append((raw, out, where))
+        except c.BadInput as exc:
+            batch.unplanned += exc.unexpected is not None
+            batch.deadletters.append(dead_letter(source, exc.raw or raw, "normalize", "BadInput", str(exc),
+                                                 exc.record_id, ctx, where, limit))
     seen_now: set[str] = set()
 
     def fresh(key: str) -> bool:
@@ -224,15 +262,16 @@ def normalize(source: str, data: bytes, ctx: c.Context, dedupe: Deduper | None =
 
     for raw, out, where in outcomes:
         batch.skipped += out.skipped
-        for exc in out.rejected:
-            batch.deadletters.append(_deadletter(source, exc.raw or raw, "normalize", "BadInput", str(exc),
-                                                 exc.record_id, ctx, where))
+        for rej in out.rejected:
+            batch.unplanned += rej.unexpected is not None
+            batch.deadletters.append(dead_letter(source, rej.raw or raw, "normalize", "BadInput", str(rej),
+                                                 rej.record_id, ctx, where, limit))
         for rr in out.rereads:
             if fresh(rr.dedupe_key):
                 msg = (f"needs re-read: {rr.source} {rr.change_type} for {rr.entity_type} "
                        f"{', '.join(rr.entity_ids)}: {rr.reason}")
-                batch.deadletters.append(_deadletter(source, rr.raw or raw, "gap", "NeedsReread", msg,
-                                                     rr.entity_ids[0] if rr.entity_ids else None, ctx, where))
+                batch.deadletters.append(dead_letter(source, rr.raw or raw, "gap", "NeedsReread", msg,
+                                                     rr.entity_ids[0] if rr.entity_ids else None, ctx, where, limit))
         for m in out.events:
             payload = m.event.get("source_payload") or b""
             if len(payload) > limit:  # e.g. a CSV row; JSON records were checked whole above
@@ -282,10 +321,7 @@ class Publisher:
                             self.codec.encode("change_event", m.event, m.topic), headers))
         for d in batch.deadletters:
             topic = deadletter_topic(d.record["original_topic"])
-            records.append((topic, d.key or b"", self.codec.encode("dead_letter", d.record, topic),
-                            [("concord-stage", d.record["stage"].encode()),
-                             ("concord-error-type", d.record["error_type"].encode()),
-                             ("concord-error", d.record["error"][:1000].encode()), *d.headers]))
+            records.append((topic, d.key or b"", self.codec.encode("dead_letter", d.record, topic), d.headers))
         landed: list[tuple[str, int, int] | None] = [None] * len(records)
 
         def done(i: int) -> Any:
@@ -350,7 +386,16 @@ def run(args: argparse.Namespace) -> int:
     (the rest were published).
     """
     identity = IdentityMap(args.identity)
-    ctx = c.Context(identity=identity, settings={"tables": json.loads(args.tables)} if args.tables else {})
+    settings: dict[str, Any] = {"tables": json.loads(args.tables)} if args.tables else {}
+    try:  # mappings are checked before any record is read, so a typo cannot dead-letter a whole feed
+        if args.source == "debezium":
+            settings["debezium"] = load_debezium_config(args.debezium_config)
+        if args.source in ("stripe", "salesforce", "jobber"):
+            settings["join_keys"] = load_join_keys()
+    except ConfigError as exc:
+        print(f"concord ingest: error: {exc}", file=sys.stderr)
+        return EXIT_UNREADABLE
+    ctx = c.Context(identity=identity, settings=settings)
     dedupe = Deduper(args.dedupe_file)
     batches = []
     unreadable = 0
@@ -433,6 +478,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--identity", default=os.environ.get("CONCORD_IDENTITY_FILE", DEFAULT_PATH),
                    help=f"identity cross-reference file (default {DEFAULT_PATH})")
     p.add_argument("--tables", help='Debezium table → entity map as JSON, e.g. \'{"work_orders": "job"}\'')
+    p.add_argument("--debezium-config", metavar="FILE",
+                   help="Debezium table / column mapping (default $CONCORD_DEBEZIUM_CONFIG, else "
+                   "connectors/config/debezium.yaml); checked at start, errors name file:line")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the broker (default 30)")
     p.add_argument("--no-create-topics", action="store_true", help="do not create missing topics")
     p.set_defaults(func=run)

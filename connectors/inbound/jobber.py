@@ -10,9 +10,11 @@ it under ``data.job`` (or ``webHookEvent.job``), and then the event carries the 
 - JOB_COMPLETE → status completed (the record itself when given, else a status-only payload).
 - JOB_DESTROY → delete. VISIT_COMPLETE → an update of the visit's job (``data.job`` needed, its
   ``itemId`` is the visit's), else ``Reread``.
-- ``seq`` = ``occurredAt`` in ms; not contiguous. Dedupe key: topic, itemId, occurredAt.
+- ``seq`` = ``occurredAt`` (Jobber's schema spells it ``occuredAt``; both are read) in ms; not contiguous.
+  Dedupe key: topic, itemId, occurredAt.
 - Signature: base64(HMAC-SHA256(app secret, raw body)) in ``X-Jobber-Hmac-SHA256``.
-- The job's client id is its account reference; the identity map resolves it to a customer.
+- The job's client id is its account reference; the identity map resolves it to a customer. The custom
+  fields naming the CRM account and deal are configuration (connectors/config/join_keys.yaml, ``jobber``).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import json
 from typing import Any
 
 from connectors.inbound import common as c
+from connectors.inbound import join_keys
 
 VENDOR = "jobber"
 CONTENT_TYPE = "application/json; format=jobber-webhook"
@@ -53,7 +56,7 @@ def verify(secret: str | None, body: bytes, signature: str | None) -> None:
         raise SignatureError("X-Jobber-Hmac-SHA256 does not match")
 
 
-def _job_payload(j: dict[str, Any], status: str | None) -> dict[str, Any]:
+def _job_payload(j: dict[str, Any], status: str | None, deal_key: str) -> dict[str, Any]:
     native = str(j.get("jobStatus") or j.get("status") or "").lower()
     st = status or STATUS.get(native)
     if st is None:
@@ -63,7 +66,7 @@ def _job_payload(j: dict[str, Any], status: str | None) -> dict[str, Any]:
     lines = [c.line(n.get("name") or n.get("sku") or "item", n.get("quantity", 1),
                     c.to_cents(n.get("unitPrice"), "unitPrice"), n.get("description") or "") for n in nodes]
     client = j.get("client") or {}
-    deal = j.get("dealId") or (j.get("customFields") or {}).get("concord_deal_id")
+    deal = j.get("dealId") or (j.get("customFields") or {}).get(deal_key)
     return c.job(st, deal, c.to_ms(j.get("startAt")), c.to_ms(j.get("completedAt")),
                  client.get("id") or j.get("clientId"), lines)
 
@@ -77,8 +80,11 @@ def map_record(record: Any, raw: bytes, ctx: c.Context) -> c.Outcome:
     hook = hook or record
     topic = str(c.require(hook, "topic")).upper()
     item = str(c.require(hook, "itemId"))
-    occurred = c.to_ms(c.require(hook, "occurredAt"), "occurredAt")
-    assert occurred is not None
+    # Jobber's own GraphQL schema spells the field occuredAt; both spellings are read
+    field_name = "occuredAt" if hook.get("occurredAt") is None and hook.get("occuredAt") is not None else "occurredAt"
+    occurred = c.to_ms(c.require(hook, field_name, what="occurredAt (or occuredAt)"), field_name)
+    if occurred is None:
+        raise c.BadInput(f"{field_name} is empty", item)
     key = f"jobber:{topic}:{item}:{occurred}"
     if topic not in TOPICS:
         raise c.BadInput(f"topic {topic!r} is not mapped ({sorted(TOPICS)})", item)
@@ -98,12 +104,13 @@ def map_record(record: Any, raw: bytes, ctx: c.Context) -> c.Outcome:
     op = {"JOB_CREATE": "create", "JOB_DESTROY": "delete"}.get(topic, "update")
     payload, changed = None, []
     if op != "delete":
-        payload = _job_payload(j or {}, "completed" if topic == "JOB_COMPLETE" else None)
+        payload = _job_payload(j or {}, "completed" if topic == "JOB_COMPLETE" else None,
+                               join_keys.of(ctx).jobber.deal_id)
         changed = ["status"] if topic in ("JOB_COMPLETE", "VISIT_COMPLETE") else []
     client = (j or {}).get("client") or {}
     emails = client.get("emails") or []
     email = emails[0].get("address") if emails and isinstance(emails[0], dict) else None
-    direct = ((j or {}).get("customFields") or {}).get("concord_customer_id")
+    direct = ((j or {}).get("customFields") or {}).get(join_keys.of(ctx).jobber.customer_id)
     cid, cands = c.resolve_customer(ctx, "dispatch", client.get("id"), {"name": client.get("name"), "email": email},
                                     direct)
     if ctx.identity is not None and direct:

@@ -8,7 +8,10 @@
   ``CONCORD_WEBHOOK_PUBLIC_URL`` + path when set, else the URL the request came to); Jobber
   ``X-Jobber-Hmac-SHA256`` with ``JOBBER_WEBHOOK_SECRET``; Salesforce (a relay posting CDC events)
   ``Authorization: Bearer $SALESFORCE_WEBHOOK_TOKEN``;
-- maps the body like ``concord ingest``; a body it cannot parse is dead-lettered, then answered 400;
+- decodes the body only once it is verified; then parses it through the input boundary
+  (``connectors/inbound/boundary.py``) and maps it like ``concord ingest``, off the event loop and within
+  ``CONCORD_INPUT_PARSE_SECONDS``; a body it cannot use is dead-lettered, then answered 400 (422 when mapping
+  took too long) with a JSON body naming what was wrong: input never causes a 5xx;
 - answers 200 (with a JSON summary) only after the broker acknowledged every record, duplicates
   included (they are acknowledged without publishing); 503 when the broker did not acknowledge, so
   the vendor retries;
@@ -30,15 +33,18 @@ import hmac
 import json
 import logging
 import os
+import sys
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from concord.contracts.topics import deadletter_topic
+from concord.exceptions import ConfigError
 from concord.runtime import metrics
+from connectors.inbound import boundary, hubspot, jobber, join_keys, salesforce, stripe_events
 from connectors.inbound import common as c
-from connectors.inbound import hubspot, jobber, salesforce, stripe_events
 from connectors.inbound.identity import DEFAULT_PATH, IdentityMap
 from connectors.inbound.ingest import (
     Batch,
@@ -46,6 +52,7 @@ from connectors.inbound.ingest import (
     Publisher,
     PublishError,
     count,
+    dead_letter,
     max_record_bytes,
     normalize,
     oversized,
@@ -100,18 +107,42 @@ def verify(source: str, request: web.Request, body: bytes, env: dict[str, str]) 
                 raise Unauthorized("missing or wrong bearer token")
     except (stripe_events.SignatureError, hubspot.SignatureError, jobber.SignatureError) as exc:
         raise Unauthorized(str(exc)) from exc
+    except Unauthorized:
+        raise
+    except Exception as exc:  # a header no vendor would send (not text, not a number) is not a signature either
+        raise Unauthorized(f"signature headers are malformed ({type(exc).__name__})") from exc
+
+
+def map_body(source: str, body: bytes, ctx: c.Context, dedupe: Deduper, limits: boundary.Limits) -> Batch:
+    """A verified body through the input boundary and the mapper: a batch of events and dead letters, never an error."""
+    where = f"POST /webhooks/{source}"
+    try:
+        try:
+            record: Any = boundary.loads(body, limits)
+        except c.BadInput as exc:
+            record = c.BadInput(f"body is {exc}" if isinstance(exc, boundary.NotJSON) else str(exc))
+        return normalize(source, body, ctx, dedupe, units=[(body, record)], name=where)
+    except Exception as exc:  # normalize raises nothing on input; if it ever does, the body is still kept
+        log.exception("mapping a %s webhook body failed", source)
+        return Batch(source, deadletters=[dead_letter(source, body, "normalize", type(exc).__name__,
+                                                      f"could not be mapped: {exc}", None, ctx, where)])
 
 
 def make_app(bootstrap: str, identity: IdentityMap | None = None, dedupe: Deduper | None = None,
              timeout_s: float = 30.0, env: dict[str, str] | None = None) -> web.Application:
     """The webhook application, publishing to the broker at ``bootstrap``."""
     publisher = Publisher(bootstrap, timeout_s=timeout_s)
-    ctx = c.Context(identity=identity or IdentityMap())
+    # mappings are checked before the first request, so a bad file stops the receiver with file:line
+    ctx = c.Context(identity=identity or IdentityMap(),
+                    settings={"hubspot": hubspot.load_config(), "join_keys": join_keys.load()})
     dedupe = dedupe or Deduper()
     secrets = env if env is not None else dict(os.environ)
+    # One mapping thread: bodies queue for it rather than take turns with the event loop for the interpreter lock.
+    mapping_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="concord-webhook-map")
 
     async def receive(request: web.Request) -> web.Response:
         source = request.match_info["source"]
+        loop = asyncio.get_running_loop()
         if source not in MAPPERS:
             return web.json_response({"error": f"no webhook for {source!r}"}, status=404)
         limit = max_record_bytes()
@@ -121,8 +152,8 @@ def make_app(bootstrap: str, identity: IdentityMap | None = None, dedupe: Dedupe
             error = f"body is {size} bytes, over the {max(HARD_CAP, limit)}-byte cap: not read, not stored"
             _refused(source, request, 413, error, size, sha256)
             return web.json_response({"error": error, "size": size, "sha256": sha256, "limit": limit}, status=413)
-        try:
-            verify(source, request, body, secrets)
+        try:  # an HMAC over a large body is CPU work: off the loop as well
+            await loop.run_in_executor(mapping_pool, verify, source, request, body, secrets)
         except Unauthorized as exc:
             metrics.INGESTED.labels(source, "unauthorized").inc()
             _refused(source, request, 401, str(exc), size, sha256)
@@ -130,13 +161,26 @@ def make_app(bootstrap: str, identity: IdentityMap | None = None, dedupe: Dedupe
         if size > limit:
             batch = Batch(source, deadletters=[oversized(source, body, limit, None, ctx, f"POST /webhooks/{source}")])
         else:
+            # Mapping runs off the event loop, bounded in time, so no body can keep /healthz (or anyone) waiting.
+            limits = boundary.Limits.from_env()
+            work = loop.run_in_executor(mapping_pool, map_body, source, body, ctx, dedupe, limits)
             try:
-                record: Any = MAPPERS[source].parse(body)
-            except ValueError as exc:
-                record = c.BadInput(f"body is not JSON: {exc}")
-            batch = normalize(source, body, ctx, dedupe, units=[(body, record)], name=f"POST /webhooks/{source}")
+                batch = await asyncio.wait_for(asyncio.shield(work), limits.parse_seconds)
+            except TimeoutError:
+                metrics.INGESTED.labels(source, "timeout").inc()
+                error = (f"mapping the body took over {limits.parse_seconds}s "
+                         f"({boundary.setting_name('parse_seconds')}): refused, kept as a dead letter")
+                batch = Batch(source, deadletters=[dead_letter(source, body, "normalize", "Timeout", error, None, ctx,
+                                                               f"POST /webhooks/{source}")])
+                try:
+                    await loop.run_in_executor(None, publisher.publish, batch)
+                except PublishError as exc:
+                    return web.json_response({"error": f"not stored: {exc}"}, status=503)
+                count(batch)
+                return web.json_response({"error": error, "rejected": 1,
+                                          "dead_letter_topic": deadletter_topic(f"ingest.{source}")}, status=422)
         try:
-            await asyncio.get_running_loop().run_in_executor(None, publisher.publish, batch)
+            await loop.run_in_executor(None, publisher.publish, batch)
         except PublishError as exc:
             return web.json_response({"error": f"not stored: {exc}"}, status=503)
         dedupe.remember(batch.dedupe_keys)
@@ -167,6 +211,7 @@ def make_app(bootstrap: str, identity: IdentityMap | None = None, dedupe: Dedupe
         return web.Response(text="ok\n")
 
     async def close(app: web.Application) -> None:
+        mapping_pool.shutdown(wait=False, cancel_futures=True)
         await asyncio.get_running_loop().run_in_executor(None, publisher.close)
 
     app = web.Application(client_max_size=8 * 1024 * 1024)
@@ -184,6 +229,12 @@ def run(args: argparse.Namespace) -> int:
     from concord.contracts.topics import CHANGES, INGEST_DEADLETTERS
     from concord.runtime.broker import ensure_topics, open_broker
 
+    try:
+        hubspot.load_config()
+        join_keys.load()
+    except ConfigError as exc:
+        print(f"concord webhooks: error: {exc}", file=sys.stderr)
+        return 2
     with contextlib.ExitStack() as stack:
         bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
         if not bootstrap:

@@ -1,0 +1,60 @@
+"""The processing core alone, in process on one core: events/s, and how it holds up as customers' histories grow.
+
+``core_eps``: closed-won deals for customers with billing details, through guard, status table and rules.
+``deep_ratio``: events/s for customers already holding ``deep`` records each, divided by events/s at ``shallow``.
+"""
+
+from __future__ import annotations
+
+import time
+
+from concord.contracts import events as ev
+from concord.contracts import topics
+from concord.runtime.harness import InProcess
+
+NOW = 1_767_225_600_000
+
+
+def _customer(cid: str) -> dict:
+    return ev.change_event("customer", cid, 1, ev.customer(f"Customer {cid}", account=f"acct_{cid}"), cid, at=NOW)
+
+
+def _deal(cid: str, n: int, stage: str = "closed_won") -> dict:
+    return ev.change_event("deal", f"{cid}-d{n}", 1, ev.deal(stage, [ev.line("SVC-INSTALL", 1, 50_000)]), cid,
+                           at=NOW + n)
+
+
+def _timed(h: InProcess, events: list[dict]) -> float:
+    encoded = [(topics.changes_topic(e["source_system"], e["entity_type"]), e["entity_id"].encode(),
+                h.codec.encode("change_event", e)) for e in events]
+    start = time.perf_counter()
+    for topic, key, value in encoded:
+        h.feed(topic, key, value)
+    return len(encoded) / max(time.perf_counter() - start, 1e-9)
+
+
+def core_eps(n: int = 20_000) -> float:
+    """Events/s of the in-process core on ``n`` closed-won deals over n/10 customers."""
+    h = InProcess(now=NOW)
+    customers = [f"core-c{i}" for i in range(max(1, n // 10))]
+    for cid in customers:
+        h.feed_event(_customer(cid))
+    return _timed(h, [_deal(customers[i % len(customers)], i) for i in range(n)])
+
+
+def eps_at_depth(depth: int, customers: int = 50, n: int = 500) -> float:
+    """Events/s for new deals of customers that already hold ``depth`` deals each."""
+    h = InProcess(now=NOW)
+    names = [f"deep{depth}-c{i}" for i in range(customers)]
+    for cid in names:
+        h.feed_event(_customer(cid))
+        for d in range(depth):
+            h.feed_event(_deal(cid, d, "closed_lost"))
+    return _timed(h, [_deal(names[i % customers], depth + i) for i in range(n)])
+
+
+def deep_ratio(deep: int = 1_000, shallow: int = 10) -> tuple[float, float, float]:
+    """(ratio, eps at ``deep``, eps at ``shallow``)."""
+    shallow_eps = eps_at_depth(shallow)
+    deep_eps = eps_at_depth(deep)
+    return deep_eps / shallow_eps, deep_eps, shallow_eps

@@ -1,0 +1,229 @@
+"""Loopback fakes of the vendor APIs the fetcher reads, answering as the vendors document (errors included).
+
+Used by the tests and by the fetch benchmark; they listen on 127.0.0.1 only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+
+@dataclass
+class Script:
+    """What a fake answers: records by id, then failures to serve first (status, headers, body) per id."""
+
+    records: dict[str, dict[str, Any]] = field(default_factory=dict)
+    failures: dict[str, list[tuple[int, dict[str, str], dict[str, Any]]]] = field(default_factory=dict)
+    latency_s: float = 0.0
+    calls: list[str] = field(default_factory=list)
+    hold: Callable[[str], Any] | None = None  # awaited before answering (a request left in flight)
+    base: str = ""  # where the fake listens, once served
+    rate_limit_per_s: int = 0  # above this many requests in a second: 429, as the vendor's limiter answers
+    _recent: list[float] = field(default_factory=list)
+    limited: int = 0
+
+    def over_limit(self) -> bool:
+        """Whether this request is past the per-second limit (counted when it is)."""
+        if not self.rate_limit_per_s:
+            return False
+        now = time.monotonic()
+        self._recent[:] = [t for t in self._recent if now - t < 1.0]
+        if len(self._recent) >= self.rate_limit_per_s:
+            self.limited += 1
+            return True
+        self._recent.append(now)
+        return False
+
+
+def stripe_error(status: int, etype: str, message: str, code: str | None = None) -> tuple[int, dict, dict]:
+    """A Stripe error answer: ``{"error": {type, code, message}}``."""
+    body = {"error": {"type": etype, "message": message, **({"code": code} if code else {})}}
+    return status, {"Request-Id": "req_fake"}, body
+
+
+def stripe_app(script: Script, key: str = "sk_test_fetch") -> web.Application:
+    """GET /v1/{invoices,payment_intents,customers}/{id} with a Bearer secret key."""
+    async def retrieve(request: web.Request) -> web.Response:
+        oid = request.match_info["id"]
+        script.calls.append(oid)
+        if script.hold is not None:
+            await script.hold(oid)
+        if script.latency_s:
+            await asyncio.sleep(script.latency_s)
+        if request.headers.get("Authorization") != f"Bearer {key}":
+            status, headers, body = stripe_error(401, "invalid_request_error", "Invalid API Key provided: sk_***")
+            return web.json_response(body, status=status, headers=headers)
+        if script.over_limit():  # Stripe sends no Retry-After: clients back off exponentially
+            status, headers, body = stripe_error(429, "invalid_request_error", "Request rate limit exceeded.",
+                                                 "rate_limit")
+            return web.json_response(body, status=status, headers=headers)
+        queued = script.failures.get(oid) or []
+        if queued:
+            status, headers, body = queued.pop(0)
+            return web.json_response(body, status=status, headers=headers)
+        if oid not in script.records:
+            status, headers, body = stripe_error(404, "invalid_request_error", f"No such object: '{oid}'",
+                                                 "resource_missing")
+            return web.json_response(body, status=status, headers=headers)
+        return web.json_response(script.records[oid],
+                                 headers={"Request-Id": "req_fake", "Stripe-Version": "2025-03-31.basil"})
+
+    app = web.Application()
+    app.router.add_get("/v1/{kind:invoices|payment_intents|customers}/{id}", retrieve)
+    return app
+
+
+def hubspot_error(status: int, message: str, category: str, **extra: str) -> tuple[int, dict, dict]:
+    """A HubSpot error answer: ``{"status": "error", "message", "category", "correlationId"}``."""
+    return status, {}, {"status": "error", "message": message, "category": category,
+                        "correlationId": "0f3e1c2a-fake", **extra}
+
+
+def hubspot_app(script: Script, token: str = "hubspot-token") -> web.Application:
+    """GET /crm/v3/objects/{deals,companies}/{id}?properties=…&associations=companies."""
+    async def get(request: web.Request) -> web.Response:
+        oid = request.match_info["id"]
+        script.calls.append(oid)
+        if script.latency_s:
+            await asyncio.sleep(script.latency_s)
+        if request.headers.get("Authorization") != f"Bearer {token}":
+            status, headers, body = hubspot_error(401, "Authentication credentials not found.",
+                                                  "INVALID_AUTHENTICATION")
+            return web.json_response(body, status=status, headers=headers)
+        if script.over_limit():
+            status, headers, body = hubspot_error(429, "You have reached your secondly limit.", "RATE_LIMITS",
+                                                  errorType="RATE_LIMIT", policyName="SECONDLY")
+            return web.json_response(body, status=status, headers=headers)
+        queued = script.failures.get(oid) or []
+        if queued:
+            status, headers, body = queued.pop(0)
+            return web.json_response(body, status=status, headers=headers)
+        rec = script.records.get(oid)
+        if rec is None:
+            status, headers, body = hubspot_error(404, "Object not found.  objectId are usually numeric.",
+                                                  "OBJECT_NOT_FOUND")
+            return web.json_response(body, status=status, headers=headers)
+        wanted = [p for v in request.query.getall("properties", []) for p in v.split(",") if p]
+        doc = {"id": oid, "properties": {k: v for k, v in rec.get("properties", {}).items() if k in wanted},
+               "createdAt": "2024-05-01T10:00:00.000Z", "updatedAt": "2024-05-01T10:05:00.000Z", "archived": False}
+        if "companies" in ",".join(request.query.getall("associations", [])) and rec.get("companies"):
+            doc["associations"] = {"companies": {"results": [{"id": cid, "type": "deal_to_company"}
+                                                             for cid in rec["companies"]]}}
+        return web.json_response(doc)
+
+    app = web.Application()
+    app.router.add_get("/crm/v3/objects/{kind:deals|companies}/{id}", get)
+    return app
+
+
+def salesforce_error(status: int, code: str, message: str) -> tuple[int, dict, list]:
+    """A Salesforce REST error answer: ``[{"errorCode", "message"}]``."""
+    return status, {}, [{"errorCode": code, "message": message}]
+
+
+def salesforce_app(script: Script, session_id: str = "00Dfake!session", version: str = "59.0") -> web.Application:
+    """GET /services/data/v<version>/sobjects/{Account,Opportunity}/<id> with a Bearer session id."""
+    async def get(request: web.Request) -> web.Response:
+        name, oid = request.match_info["name"], request.match_info["id"]
+        script.calls.append(oid)
+        if script.latency_s:
+            await asyncio.sleep(script.latency_s)
+        if request.headers.get("Authorization") != f"Bearer {session_id}":
+            status, headers, body = salesforce_error(401, "INVALID_SESSION_ID", "Session expired or invalid")
+            return web.json_response(body, status=status, headers=headers)
+        queued = script.failures.get(oid) or []
+        if queued:
+            status, headers, body = queued.pop(0)
+            return web.json_response(body, status=status, headers=headers)
+        rec = script.records.get(oid)
+        if rec is None:
+            status, headers, body = salesforce_error(404, "NOT_FOUND", "The requested resource does not exist")
+            return web.json_response(body, status=status, headers=headers)
+        return web.json_response({"attributes": {"type": name, "url": str(request.rel_url)}, "Id": oid, **rec})
+
+    app = web.Application()
+    app.router.add_get(f"/services/data/v{version}/sobjects/{{name:Account|Opportunity}}/{{id}}", get)
+    return app
+
+
+def jobber_app(script: Script, token: str = "jobber-token") -> web.Application:
+    """POST /api/graphql answering ``job(id)`` / ``visit(id) { job }``; THROTTLED as a GraphQL error."""
+    async def graphql(request: web.Request) -> web.Response:
+        doc = await request.json()
+        oid = doc["variables"]["id"]
+        script.calls.append(oid)
+        if script.latency_s:
+            await asyncio.sleep(script.latency_s)
+        if request.headers.get("Authorization") != f"Bearer {token}":
+            return web.json_response({"message": "Unauthorized"}, status=401)
+        queued = script.failures.get(oid) or []
+        if queued:
+            status, headers, body = queued.pop(0)
+            return web.json_response(body, status=status, headers=headers)
+        visit = "visit(" in doc["query"]
+        job = script.records.get(oid)
+        if job is None:
+            return web.json_response({"data": {"visit" if visit else "job": None},
+                                      "errors": [{"message": f"Record not found: {oid}", "path": ["job"]}]})
+        return web.json_response({"data": {"visit": {"job": job}} if visit else {"job": job},
+                                  "extensions": {"cost": {"requestedQueryCost": 12, "actualQueryCost": 12,
+                                                          "throttleStatus": {"maximumAvailable": 10000,
+                                                                             "currentlyAvailable": 9988,
+                                                                             "restoreRate": 500}}}})
+
+    app = web.Application()
+    app.router.add_post("/api/graphql", graphql)
+    return app
+
+
+def jobber_throttled(cost: int = 600, available: int = 100, rate: int = 500) -> tuple[int, dict, dict]:
+    """Jobber's answer when the query-cost bucket is short: 200 with a THROTTLED error."""
+    return 200, {}, {"errors": [{"message": "Throttled", "extensions": {"code": "THROTTLED"}}],
+                     "extensions": {"cost": {"requestedQueryCost": cost, "actualQueryCost": 0,
+                                             "throttleStatus": {"maximumAvailable": 10000,
+                                                                "currentlyAvailable": available,
+                                                                "restoreRate": rate}}}}
+
+
+def as_json(doc: Any) -> bytes:
+    """Compact JSON bytes."""
+    return json.dumps(doc).encode()
+
+
+@contextmanager
+def serve(app: web.Application, tls: Any = None) -> Iterator[str]:
+    """Serve ``app`` on a free loopback port in a thread (over TLS with an ``ssl.SSLContext``); yields its URL."""
+    loop = asyncio.new_event_loop()
+    runner = web.AppRunner(app)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    started = threading.Event()
+
+    def main() -> None:
+        asyncio.set_event_loop(loop)
+        loop.run_until_complete(runner.setup())
+        loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", port, ssl_context=tls).start())
+        started.set()
+        loop.run_forever()
+
+    t = threading.Thread(target=main, daemon=True)
+    t.start()
+    if not started.wait(10):
+        raise RuntimeError("the fake did not start")
+    try:
+        yield f"{'https' if tls else 'http'}://127.0.0.1:{port}"
+    finally:
+        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(15)
+        loop.call_soon_threadsafe(loop.stop)
+        t.join(5)
