@@ -10,7 +10,13 @@ APT_STAMP := $(VENV)/.apt-stamp
 APT_PACKAGES := prometheus chromium chromium-driver postgresql
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test lint bench chaos fuzz clean system-packages
+# Apache Kafka: fetched with mvn from Maven Central into a cache outside the venv (make clean keeps it).
+KAFKA_VERSION ?= $(shell $(PYTHON) -c 'import re,pathlib;print(re.search(r"KAFKA_VERSION = \"([^\"]+)\"",pathlib.Path("concord/runtime/broker.py").read_text())[1])')
+KAFKA_CACHE := $(or $(CONCORD_CACHE_DIR),$(HOME)/.cache/concord)/kafka-$(KAFKA_VERSION)
+KAFKA_STAMP := $(KAFKA_CACHE)/libs/.complete
+JAVA_PACKAGES := openjdk-17-jre-headless maven
+
+.PHONY: help install demo test test-kafka kafka kafka-fetch java lint bench chaos fuzz clean system-packages
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -41,8 +47,27 @@ demo: $(STAMP) ## run the main job on an embedded broker with the business simul
 	@case " $(DEMO_ARGS) " in *" --serve "*) ;; *) echo ">> tip: make demo DEMO_ARGS=--serve keeps broker, worker and adapters running after the report and prints the owners' inbox address with a credential per team (Ctrl-C stops)";; esac
 	$(VENV)/bin/concord demo $(DEMO_ARGS)
 
-test: $(STAMP) $(APT_STAMP) ## install what the tests need and run the whole suite
-	$(PY) -m pytest $(PYTEST_ARGS)
+test: $(STAMP) $(APT_STAMP) $(KAFKA_STAMP) ## the whole suite; broker tests on Tansu and on Apache Kafka
+	$(PY) -m pytest --brokers=tansu,kafka-$(KAFKA_VERSION) $(PYTEST_ARGS)
+
+test-kafka: $(STAMP) $(APT_STAMP) $(KAFKA_STAMP) ## the broker tests on Apache Kafka alone (KAFKA_VERSION=3.9.2 for the 3.9 line)
+	$(PY) -m pytest -m broker --brokers=kafka-$(KAFKA_VERSION) $(PYTEST_ARGS)
+
+java: ## install Java 17 and Maven from Debian where missing (needs root or sudo)
+	@if ! command -v java >/dev/null || ! command -v mvn >/dev/null; then \
+	  echo ">> installing Debian packages: $(JAVA_PACKAGES)"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $(JAVA_PACKAGES) >/dev/null; \
+	fi
+
+$(KAFKA_STAMP): | $(STAMP)  # delete the cache dir to fetch again
+	@$(MAKE) --no-print-directory java
+	$(PY) -m concord.runtime.broker --version $(KAFKA_VERSION) --fetch-only
+
+kafka-fetch: $(KAFKA_STAMP) ## fetch Apache Kafka $(KAFKA_VERSION) into the cache (once)
+
+kafka: $(KAFKA_STAMP) ## run an Apache Kafka broker on a free loopback port until Ctrl-C (KAFKA_ARGS="--nodes 3")
+	$(PY) -m concord.runtime.broker --version $(KAFKA_VERSION) $(KAFKA_ARGS)
 
 lint: $(STAMP) ## ruff and mypy
 	$(VENV)/bin/ruff check concord connectors schemas tests

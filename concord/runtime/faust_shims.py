@@ -180,9 +180,17 @@ def ack(stream: Any, event: Any) -> None:
 
 async def learn_partitions(app: Any, names: list[str]) -> None:
     """Fetch topics' metadata into faust's producer, which faust's web routing reads to map a key to a worker."""
+    from aiokafka.errors import KafkaError
+
     producer = app.producer._ensure_producer()
     for name in names:
-        await producer.partitions_for(name)
+        while True:
+            try:
+                if await producer.partitions_for(name):
+                    break
+            except KafkaError:  # Kafka: not yet declared or not yet in the metadata; Tansu answered at once
+                pass
+            await asyncio.sleep(0.5)
 
 
 def active_partitions(app: Any, table: Any) -> set[int]:
