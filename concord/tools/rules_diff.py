@@ -24,6 +24,7 @@ from typing import Any
 
 from concord.contracts import topics
 from concord.contracts.codec import Codec
+from concord.contracts.validate import validate_change
 from concord.domain import flow_config
 from concord.domain import routing as routing_mod
 from concord.domain.flow_config import FlowConfig
@@ -31,7 +32,7 @@ from concord.domain.governance import config_change, config_digest
 from concord.domain.reconcile import amount_at_risk
 from concord.domain.routing import Routing, parse_duration
 from concord.domain.yamlconf import load_model
-from concord.exceptions import ConcordError
+from concord.exceptions import ConcordError, DecodeError, ValidationError
 from concord.runtime.harness import InProcess
 from connectors.inbound import canonical
 from connectors.inbound import common as c
@@ -222,9 +223,11 @@ def history_from_topics(bootstrap: str, since_ms: int, timeout: float = 30.0) ->
             for m in consumer.consume(500, 0.5):
                 if m.error():
                     continue
-                try:
-                    got.append((m.timestamp()[1], codec.decode(m.value())[1]))
-                except Exception:  # noqa: BLE001 - bad bytes were dead-lettered by the workers; a replay skips them
+                try:  # what the workers would take: the topic's own schema, the change-event contract
+                    event = codec.decode_topic(m.topic(), m.value())[1]
+                    validate_change(event, m.topic())
+                    got.append((m.timestamp()[1], event))
+                except (DecodeError, ValidationError):  # the workers dead-lettered these; a replay skips them too
                     pass
                 if m.offset() + 1 >= todo.get((m.topic(), m.partition()), 0):
                     todo.pop((m.topic(), m.partition()), None)
