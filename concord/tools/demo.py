@@ -178,6 +178,12 @@ class TargetSystems:
         self.target.late, self.target.dropped = [], []
         made = threading.Event()
 
+        from concord.contracts.topics import COMMANDS
+        from concord.tools.report import start_group_at_end
+
+        # the target systems apply this run's commands only, not what an earlier run left on a shared broker
+        start_group_at_end(bootstrap, f"{app_id}-adapters", [t.name for t in COMMANDS])
+
         def run() -> None:
             self.target = LossyTarget(self.db, self.echoes, set(sim.injected["lost_invoice"]), seed=sim.seed,
                                       late_s=confirm_within * 1.5 + 2)
