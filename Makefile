@@ -47,7 +47,7 @@ demo: $(STAMP) ## run the main job on an embedded broker with the business simul
 	@case " $(DEMO_ARGS) " in *" --serve "*) ;; *) echo ">> tip: make demo DEMO_ARGS=--serve keeps broker, worker and adapters running after the report and prints the owners' inbox address with a credential per team (Ctrl-C stops)";; esac
 	$(VENV)/bin/concord demo $(DEMO_ARGS)
 
-test: $(STAMP) $(APT_STAMP) ## the whole suite, broker tests on the embedded broker (test-kafka: on Apache Kafka)
+test: $(STAMP) $(APT_STAMP) $(KAFKA_STAMP) ## the whole suite, broker tests on the embedded broker (test-kafka: on Apache Kafka)
 	$(PY) -m pytest --brokers=tansu $(PYTEST_ARGS)
 
 test-kafka: $(STAMP) $(APT_STAMP) $(KAFKA_STAMP) ## the broker tests on Apache Kafka alone (KAFKA_VERSION=3.9.2 for the 3.9 line)
