@@ -136,6 +136,7 @@ def build_app(settings: Settings, pipeline: Pipeline | None = None) -> faust.App
         index = indexes[table]
         loop = asyncio.get_running_loop()
         in_flight: asyncio.Future | None = None  # the previous batch: its outputs on their way to the broker
+        seeking: set[asyncio.Future] = set()
         try:
             async for events in stream.take_events(settings.batch_size, within=settings.batch_within_s):
                 for event in events:  # held: acked only once the batch's outputs are acknowledged (see _acked)
@@ -169,7 +170,10 @@ def build_app(settings: Settings, pipeline: Pipeline | None = None) -> faust.App
                 delivery = outputs.produce(records)
                 for tp, offset in seeks.items():
                     metrics.OFFSET_SEEKS.labels(tp.topic).inc()
-                    await app.consumer.seek(tp, offset)
+                    # not awaited here: the consumer thread may be waiting for this stage to drain its buffer,
+                    # and a seek waits for that thread; the stage goes on skipping until the records come again
+                    seeking.add(asyncio.ensure_future(app.consumer.seek(tp, offset)))
+                    seeking.difference_update({f for f in seeking if f.done()})
                 if in_flight is not None:
                     await in_flight  # at most one batch in flight; batches are acked in order
                 in_flight = asyncio.ensure_future(_acked(stream, table, events, processed, delivery, ledger))
