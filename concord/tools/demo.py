@@ -20,7 +20,7 @@ from typing import Any
 from concord.contracts.topics import OWNERS
 from concord.exceptions import ConcordError
 from concord.owners.cli import call_api
-from concord.runtime.broker import ensure_topics, free_port, open_broker
+from concord.runtime.broker import die_with_parent, ensure_topics, free_port, open_broker
 
 # Reasons the demo's owners fix by taking Concord's first suggestion (or, for a gap, releasing it).
 FIXABLE = ("missing_billing_account", "unmapped_sku", "sequence_gap")
@@ -41,7 +41,7 @@ def worker_process(bootstrap: str, web_port: int, app_id: str, log_path: Path,
         proc = subprocess.Popen(
             [sys.executable, "-m", "concord.tools.cli", "run", "--web-port", str(web_port), "--app-id", app_id,
              "--log-level", "warning"],
-            env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+            env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=die_with_parent)
         try:
             wait_for_http(f"http://127.0.0.1:{web_port}/healthz", proc, timeout=60)
             yield proc
@@ -79,7 +79,8 @@ def wait_for_http(url: str, proc: subprocess.Popen | None = None, timeout: float
 
 def run_demo(args: argparse.Namespace) -> int:
     """Run the whole demo; returns 0 when every published record is accounted for."""
-    from concord.tools.report import collect, end_offsets, render, watched_topics
+    from concord.contracts import topics
+    from concord.tools.report import collect, end_offsets, render, start_group_at_end, watched_topics
     from concord.tools.simulator import LOSSES, Simulator
 
     started = time.monotonic()
@@ -97,6 +98,8 @@ def run_demo(args: argparse.Namespace) -> int:
                "CONCORD_OWNER_TOKENS": ",".join(f"{t}={k}" for t, k in tokens.items()),
                "CONCORD_DATA_DIR": str(state_dir / "state"),
                "CONCORD_CANARY_INTERVAL_S": "0"}  # the report is about the simulated business alone
+        # this run's records only: on a shared broker a new group would otherwise replay every earlier run's
+        start_group_at_end(broker.bootstrap_servers, app_id, list(topics.WORKER_INPUTS))
         with worker_process(broker.bootstrap_servers, port, app_id, state_dir / "worker.log", env):
             say(f"worker up (metrics on http://127.0.0.1:{port}/metrics, log {state_dir / 'worker.log'})")
             sim = Simulator(customers=args.customers, days=args.days, seed=args.seed, faults=LOSSES)
@@ -254,7 +257,7 @@ def serve(bootstrap: str, port: int, tokens: dict[str, str], state_dir: Path) ->
         adapters = subprocess.Popen(
             [sys.executable, "-m", "concord.tools.cli", "adapters", "--target", "sandbox", "--db",
              str(state_dir / "sandbox.db")], env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True)
+            preexec_fn=die_with_parent)
     try:
         width = max(len(t) for t in tokens)
         lines = [f"serving: the owners' inbox is at http://127.0.0.1:{port}/inbox (reconciliation "
