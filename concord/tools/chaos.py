@@ -146,8 +146,12 @@ class Campaign:
         self.procs: list[subprocess.Popen | None] = [None] * workers
         self.adapter: subprocess.Popen | None = None
         self.db = state_dir / "sandbox.db"
+        # The reference runs on the history's own clock, where no deadline has passed yet; the workers' time-driven
+        # checks run on the wall clock, eleven months after this history, so a flow still on its way when its
+        # customer is re-checked (a kill's pause is enough) is raised and closes itself only at the next check.
+        # Those checks wait an hour here: the campaign compares what the event path decided.
         self.env = dict(os.environ, KAFKA_BOOTSTRAP_SERVERS=bootstrap, CONCORD_DATA_DIR=str(state_dir / "data"),
-                        CONCORD_CANARY_INTERVAL_S="0")
+                        CONCORD_CANARY_INTERVAL_S="0", CONCORD_RECONCILE_DELAY_S="3600")
 
     # ---- processes ---------------------------------------------------------------------------------
     def start_worker(self, i: int) -> None:
