@@ -60,6 +60,37 @@ class Broker:
             self._stop.pop()()
 
 
+def read_ends(bootstrap: str, ends: dict[tuple[str, int], int], quiet_s: float = 0.3,
+              limit_s: float = 10.0) -> dict[tuple[str, int], int]:
+    """The offset after each partition's last record, read from the end ``ends`` the broker reported.
+
+    Apache Kafka's end offset is exact; the embedded broker reports its last batch's base offset + 1, short of
+    that batch's later records. Reading from just before the reported end finds them; nothing later than a
+    quiet ``quiet_s`` (at most ``limit_s`` in all, on a log still being written) is waited for.
+    """
+    from confluent_kafka import Consumer, TopicPartition
+
+    out = dict(ends)
+    starts = [TopicPartition(t, p, end - 1) for (t, p), end in ends.items() if end > 0]
+    if not starts:
+        return out
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"concord-ends-{uuid.uuid4().hex[:8]}",
+                  "enable.auto.commit": False, "fetch.wait.max.ms": 50})
+    try:
+        c.assign(starts)
+        quiet_until, stop_at = time.monotonic() + quiet_s, time.monotonic() + limit_s
+        while time.monotonic() < min(quiet_until, stop_at):
+            m = c.poll(0.05)
+            if m is not None and not m.error():
+                key = (m.topic(), m.partition())
+                if m.offset() + 1 > out.get(key, 0):
+                    out[key] = m.offset() + 1
+                    quiet_until = time.monotonic() + quiet_s
+    finally:
+        c.close()
+    return out
+
+
 def die_with_parent() -> None:
     """``preexec_fn`` for a child that must not outlive this process: its own session, SIGTERM when we die.
 

@@ -84,7 +84,8 @@ def build_app(settings: Settings, pipeline: Pipeline | None = None) -> faust.App
         recovery_consistency_check=False,
     )
     ledger = OffsetLedger()
-    faust_shims.apply(app, ledger=ledger, fetch_max_wait_ms=settings.fetch_max_wait_ms)
+    faust_shims.apply(app, ledger=ledger, fetch_max_wait_ms=settings.fetch_max_wait_ms,
+                      bootstrap=settings.bootstrap_servers)
     app.pipeline = pipeline  # type: ignore[attr-defined]
     raw = {"key_serializer": "raw", "value_serializer": "raw"}
     changes = app.topic(*(t.name for t in topics.CHANGES), topics.GUARD_CONTROLS.name, **raw)
