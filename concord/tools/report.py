@@ -158,17 +158,12 @@ def end_offsets(bootstrap: str, names: Iterable[str]) -> dict[tuple[str, int], i
 
 def start_group_at_end(bootstrap: str, group: str, names: list[str]) -> None:
     """Commit ``group``'s offsets at today's real end of ``names`` (past the embedded broker's early end)."""
-    ends = end_offsets(bootstrap, names)
-    c = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False,
-                  "fetch.wait.max.ms": 50})
+    from concord.runtime.broker import read_ends
+
+    ends = read_ends(bootstrap, end_offsets(bootstrap, names), quiet_s=0.5)
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False})
     try:
         c.assign([TopicPartition(t, p, o) for (t, p), o in ends.items()])
-        quiet_until = time.monotonic() + 0.5
-        while time.monotonic() < quiet_until:
-            m = c.poll(0.05)
-            if m is not None and not m.error():
-                ends[(m.topic(), m.partition())] = max(ends[(m.topic(), m.partition())], m.offset() + 1)
-                quiet_until = time.monotonic() + 0.5
         c.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in ends.items()], asynchronous=False)
     finally:
         c.close()
