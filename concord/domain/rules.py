@@ -37,7 +37,7 @@ __all__ = ["Outcome", "act", "command_id", "decide", "empty_status", "stable_id"
 CUSTOMER_FIELDS = ("billing_account_id", "billing_terms", "billing_policy", "email", "name", "billing_address")
 # Reasons only the time-driven rules (concord/domain/timed_rules.py) open and close.
 TIMED_REASONS = frozenset({"command_unconfirmed", "unbilled_work", "won_not_billed", "billing_drift",
-                           "overdue_invoice"})
+                           "customer_drift", "overdue_invoice"})
 _META = ("event_id", "trace_id", "occurred_at", "seq", "deleted", "won", "issued", "position")
 
 
