@@ -44,7 +44,7 @@ REASON_CODES = (
 )
 EXPECTED_ALERTS = {
     "ConcordSLABreach", "ConcordExceptionRateSpike", "ConcordConsumerLagGrowing", "ConcordWorkerDown",
-    "ConcordDeadLetters", "ConcordCanaryFailing", "ConcordUnbilledRevenueGrowing",
+    "ConcordDeadLetters", "ConcordCanaryFailing", "ConcordUnbilledRevenueGrowing", "ConcordMTTRAboveSLA",
 }
 DASHBOARD_ROWS = (
     "Is the flow healthy?",
