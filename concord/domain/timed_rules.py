@@ -194,7 +194,19 @@ def _customer_drift(st: dict[str, Any], cfg: FlowConfig, now: int,
 def _differing(cust: dict[str, Any], inv: dict[str, Any]) -> list[tuple[str, Any, Any]]:
     """(CRM field, the CRM's value, billing's value) for each field the invoice carries and the CRM disagrees on."""
     return [(crm, cust.get(crm), inv[billing]) for crm, billing in BILLED_TO
-            if inv.get(billing) is not None and _plain(cust.get(crm)) != _plain(inv[billing])]
+            if inv.get(billing) is not None and not _same(crm, cust.get(crm), inv[billing])]
+
+
+def _same(field: str, crm: Any, billing: Any) -> bool:
+    """Whether two systems' values of a master-data field agree; an address agrees when one contains the other.
+
+    Billing renders a structured address on one line (street, city, postal code, country) where a CRM often
+    keeps the street alone: more detail is not a different address.
+    """
+    a, b = _plain(crm), _plain(billing)
+    if field == "billing_address" and a and b:
+        return a in b or b in a
+    return a == b
 
 
 def _plain(value: Any) -> str | None:

@@ -277,6 +277,18 @@ def test_customer_drift_closes_itself_when_billing_issues_under_the_crms_details
     assert [g["reason_code"] for g in timed_rules.check(back, CFG, deadline + H).resolved] == ["customer_drift"]
 
 
+def test_an_address_billing_holds_in_more_detail_is_the_same_address():
+    deadline = T + H + SYNC
+    fuller = {**BILLED_AS_CRM, "email": "billing@acme.example", "address": "1 Main St, Leeds, LS1 4AP, GB"}
+    status = feed([customer(), won(), moved(), billed("inv1", deadline, fuller)])
+    status["commands"] = {}
+    assert timed_rules.check(status, CFG, deadline).exceptions == []
+    other = feed([customer(), won(), moved(), billed("inv1", deadline, {**fuller, "address": "9 Elm Rd, Leeds"})])
+    other["commands"] = {}
+    [exc] = timed_rules.check(other, CFG, deadline).exceptions
+    assert "billing_address='9 Elm Rd, Leeds' (the CRM: '1 Main St')" in exc["message"]
+
+
 def test_a_paid_invoice_under_the_old_details_is_drift_with_no_money_at_risk():
     deadline = T + H + SYNC
     status = feed([customer(), won(), moved(), billed("inv1", deadline, BILLED_AS_CRM),
