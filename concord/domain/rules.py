@@ -99,9 +99,9 @@ def settle(st: dict[str, Any], cfg: FlowConfig, now: int, event: dict[str, Any],
     if event["entity_type"] == "invoice" and not was_issued:
         on_time = _invoiced_on_time(st, event["entity_id"], cfg)
     elif event["entity_type"] == "job" and not was_completed:
-        issued = sorted((i["issued_at"], i["id"]) for i in invoices_of(st, job_id=event["entity_id"])
-                        if i.get("issued") and i.get("issued_at"))
-        on_time = _invoiced_on_time(st, issued[0][1], cfg) if issued else None
+        bills = sorted((i["issued_at"], i["id"]) for i in invoices_of(st, job_id=event["entity_id"])
+                       if i.get("issued") and i.get("issued_at"))
+        on_time = _invoiced_on_time(st, bills[0][1], cfg) if bills else None
     if on_time is not None:
         out.facts["invoice_on_time"] = on_time
     return out

@@ -252,7 +252,9 @@ def collect(bootstrap: str, published: list[Published], since: dict[tuple[str, i
     started = time.monotonic()
     codec = Codec()
     fates: dict[tuple[str, int, int], list[str]] = {(p.topic, p.partition, p.offset): [] for p in published}
-    faults = {(p.topic, p.partition, p.offset): p.fault for p in published}
+    # where each published record landed -> its fault (keyed as the consumer's messages say where they are)
+    faults: dict[tuple[str, int | None, int | None], str | None] = {
+        (p.topic, p.partition, p.offset): p.fault for p in published}
     report = Report(published=len(published), on_time_hours=load_flow_config().on_time_invoice_hours)
     seen_commands: set[str] = set()
     c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"concord-report-{uuid.uuid4().hex[:8]}",

@@ -188,7 +188,7 @@ def _bill(emit: Callable[..., None], rng: random.Random, inv_id: str, lines: lis
     issued = t + rng.randrange(10 * 60_000, (72 if late else 20) * HOUR)
     if late:
         issued = max(issued, t + 50 * HOUR)
-    inv = {"deal_id": deal_id, "job_id": job_id, "issued_at": issued, "due_at": issued + 30 * DAY}
+    inv: dict[str, Any] = {"deal_id": deal_id, "job_id": job_id, "issued_at": issued, "due_at": issued + 30 * DAY}
     if changed:  # billing applied the command with another amount than it was asked for
         inv["amount_due_cents"] = ev.total(lines) + max(5_000, ev.total(lines) // 10)
     emit("invoice", inv_id, ev.invoice("draft", lines, **{**inv, "issued_at": None}), cid, issued - 10 * 60_000)
