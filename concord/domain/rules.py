@@ -37,7 +37,7 @@ __all__ = ["Outcome", "act", "command_id", "decide", "empty_status", "stable_id"
 CUSTOMER_FIELDS = ("billing_account_id", "billing_terms", "billing_policy", "email", "name", "billing_address")
 # Reasons only the time-driven rules (concord/domain/timed_rules.py) open and close.
 TIMED_REASONS = frozenset({"command_unconfirmed", "unbilled_work", "won_not_billed", "billing_drift",
-                           "overdue_invoice"})
+                           "customer_drift", "overdue_invoice"})
 _META = ("event_id", "trace_id", "occurred_at", "seq", "deleted", "won", "issued", "position")
 
 
@@ -59,14 +59,16 @@ def decide(status: dict[str, Any] | None, event: dict[str, Any], cfg: FlowConfig
     st = fork(status) if status else empty_status(key)
     was_issued = bool(st["invoices"].get(event["entity_id"], {}).get("issued")) if event["entity_type"] == "invoice" \
         else True
+    was_completed = bool(st["jobs"].get(event["entity_id"], {}).get("completed_at")) \
+        if event["entity_type"] == "job" else True
     if not apply_event(st, event):
         return Outcome(status if status else st, facts={"stale": True})
     refresh_positions(st)
-    return settle(st, cfg, now, event, was_issued)
+    return settle(st, cfg, now, event, was_issued, was_completed)
 
 
 def settle(st: dict[str, Any], cfg: FlowConfig, now: int, event: dict[str, Any],
-           was_issued: bool = True) -> Outcome:
+           was_issued: bool = True, was_completed: bool = True) -> Outcome:
     """Issue what the facts in ``st`` warrant and not yet issued; open and resolve exceptions to match."""
     commands, exceptions = warranted(st, cfg)
     issued = set(st["issued"])
@@ -92,10 +94,16 @@ def settle(st: dict[str, Any], cfg: FlowConfig, now: int, event: dict[str, Any],
     if confirmed:
         out.facts["confirmed"] = confirmed
     sweep(st, exceptions, now, event, out, lambda reason: reason not in TIMED_REASONS)
+    # Judged once per invoice, when both facts are first known: the feeds may bring the invoice before the completion.
+    on_time = None
     if event["entity_type"] == "invoice" and not was_issued:
         on_time = _invoiced_on_time(st, event["entity_id"], cfg)
-        if on_time is not None:
-            out.facts["invoice_on_time"] = on_time
+    elif event["entity_type"] == "job" and not was_completed:
+        bills = sorted((i["issued_at"], i["id"]) for i in invoices_of(st, job_id=event["entity_id"])
+                       if i.get("issued") and i.get("issued_at"))
+        on_time = _invoiced_on_time(st, bills[0][1], cfg) if bills else None
+    if on_time is not None:
+        out.facts["invoice_on_time"] = on_time
     return out
 
 

@@ -336,8 +336,10 @@ def build_app(settings: Settings, pipeline: Pipeline | None = None) -> faust.App
         return web.bytes(generate_latest(metrics.REGISTRY), content_type=CONTENT_TYPE_LATEST.split(";")[0])
 
     from concord.domain.governance import running_digest
+    from concord.domain.routing import load_routing
 
     metrics.CONFIG_INFO.labels(running_digest()).set(1)
+    metrics.publish_slas(load_routing())
 
     @app.page("/healthz")
     async def healthz(web: Any, request: Any) -> Any:

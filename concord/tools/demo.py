@@ -136,6 +136,7 @@ def run_demo(args: argparse.Namespace) -> int:
             finally:
                 loop.stop()
             report.injected = loop.injected()
+            report.faulted_flows = {j: k for k in ("unbilled_job", "late_invoice") for j in sim.injected[k]}
             report.on_time_invoicing = _on_time(port)
             if sample:
                 status = _status_of(port, sample)
