@@ -326,8 +326,9 @@ def _one(e: dict[str, Any], position: int, raw: bytes, ctx: c.Context) -> c.Outc
 
 
 def _hubspot_lines(value: Any, obj_id: str) -> list[dict[str, Any]]:
-    """The deal's lines from its ``concord_line_items`` property: a JSON array of line items as HubSpot names
-    their properties (``hs_sku``, ``quantity``, ``price`` in major units, ``name``).
+    """The deal's lines from its ``concord_line_items`` property (a JSON array of line items).
+
+    Each item names its fields as HubSpot line items do: ``hs_sku``, ``quantity``, ``price`` (major units), ``name``.
     """
     if value in (None, ""):
         return []
