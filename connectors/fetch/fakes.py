@@ -32,7 +32,8 @@ class Script:
     calls: list[str] = field(default_factory=list)
     hold: Callable[[str], Any] | None = None  # awaited before answering (a request left in flight)
     base: str = ""  # where the fake listens, once served
-    rate_limit_per_s: int = 0  # above this many requests in a second: 429, as the vendor's limiter answers
+    rate_limit_per_s: int = 0  # above this many requests in a window: 429, as the vendor's limiter answers
+    rate_window_s: float = 1.0  # the limiter's window (HubSpot private apps: 100 requests per 10 seconds)
     page_size: int = 2000  # Salesforce query results per page (its default batch is 2000)
     _recent: list[float] = field(default_factory=list)
     limited: int = 0
@@ -42,7 +43,7 @@ class Script:
         if not self.rate_limit_per_s:
             return False
         now = time.monotonic()
-        self._recent[:] = [t for t in self._recent if now - t < 1.0]
+        self._recent[:] = [t for t in self._recent if now - t < self.rate_window_s]
         if len(self._recent) >= self.rate_limit_per_s:
             self.limited += 1
             return True
@@ -106,8 +107,9 @@ def hubspot_app(script: Script, token: str = "hubspot-token") -> web.Application
                                                   "INVALID_AUTHENTICATION")
             return web.json_response(body, status=status, headers=headers)
         if script.over_limit():
+            policy = "SECONDLY" if script.rate_window_s <= 1 else "TEN_SECONDLY_ROLLING"
             status, headers, body = hubspot_error(429, "You have reached your secondly limit.", "RATE_LIMITS",
-                                                  errorType="RATE_LIMIT", policyName="SECONDLY")
+                                                  errorType="RATE_LIMIT", policyName=policy)
             return web.json_response(body, status=status, headers=headers)
         queued = script.failures.get(oid) or []
         if queued:
@@ -259,6 +261,8 @@ def jobber_app(script: Script, token: str = "jobber-token") -> web.Application:
             await asyncio.sleep(script.latency_s)
         if request.headers.get("Authorization") != f"Bearer {token}":
             return web.json_response({"message": "Unauthorized"}, status=401)
+        if script.over_limit():  # the DDoS middleware: 2500 requests per 5 minutes per app and account
+            return web.json_response({"message": "Too Many Requests"}, status=429, headers={"Retry-After": "1"})
         queued = script.failures.get(oid) or []
         if queued:
             status, headers, body = queued.pop(0)
