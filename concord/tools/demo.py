@@ -20,7 +20,7 @@ from typing import Any
 from concord.contracts.topics import OWNERS
 from concord.exceptions import ConcordError
 from concord.owners.cli import call_api
-from concord.runtime.broker import die_with_parent, ensure_topics, free_port, open_broker
+from concord.runtime.broker import die_with_parent, ensure_topics, free_port, open_broker, read_ends
 
 # Reasons the demo's owners fix by taking Concord's first suggestion (or, for a gap, releasing it).
 FIXABLE = ("missing_billing_account", "unmapped_sku", "sequence_gap")
@@ -128,7 +128,9 @@ def run_demo(args: argparse.Namespace) -> int:
                 s = feed.stack
                 say(f"simulating {args.customers} customers over {args.days} days as {stack}: {len(native)} native "
                     f"records ({s.crm}, {s.dispatch}, Stripe API {s.stripe_version})")
-                since = end_offsets(broker.bootstrap_servers, watched_topics(native=True))
+                # the real ends (the embedded broker reports its last batch's start): not an earlier run's records
+                since = read_ends(broker.bootstrap_servers, end_offsets(broker.bootstrap_servers,
+                                                                       watched_topics(native=True)))
                 with VendorFakes(feed.stack, state_dir / f"fakes-{app_id}") as vendors:
                     say(f"loopback vendor APIs serve the fetches: {', '.join(vendors.readers)}")
                     connector = ingest(broker.bootstrap_servers, native, progress=_progress("through the connectors"),
@@ -138,7 +140,7 @@ def run_demo(args: argparse.Namespace) -> int:
             else:
                 records = list(sim.records())
                 say(f"simulating {args.customers} customers over {args.days} days: {len(records)} records")
-                since = end_offsets(broker.bootstrap_servers, watched_topics())
+                since = read_ends(broker.bootstrap_servers, end_offsets(broker.bootstrap_servers, watched_topics()))
                 published = sim.publish(broker.bootstrap_servers, records, progress=_progress("published"))
                 sample = _sample_customer(records)
             try:

@@ -43,28 +43,6 @@ def test_native_records_resolve_to_the_accounts_customers_and_faults_reach_the_c
     assert by_fault["redelivered"] == {"published"}, "past a connector restart: the guard's to drop"
 
 
-def test_native_demo_accounts_for_every_native_record(broker, tmp_path):
-    env = dict(os.environ, KAFKA_BOOTSTRAP_SERVERS=broker.bootstrap_servers)
-    out = subprocess.run([sys.executable, "-m", "concord", "demo", "--native", "--customers", "20", "--days", "10",
-                          "--state-dir", str(tmp_path), "--json"], env=env, capture_output=True, text=True,
-                         timeout=240)
-    assert out.returncode == 0, out.stderr[-3000:]
-    report = json.loads(out.stdout)
-    assert report["unaccounted"] == 0 and report["connector_missing"] == []
-    conn = report["connector"]
-    # every native record has a counted connector outcome, and every published one a worker decision
-    assert sum(conn["outcomes"].values()) == conn["records"] > 0
-    assert conn["outcomes"]["published"] > 0 and report["published"] == conn["canonical_events"]
-    assert sum(report["outcomes"].values()) == report["published"]
-    assert set(conn["by_source"]) == {"salesforce", "debezium", "stripe"}
-    # connector dead letters were read back from deadletter.ingest.<source>
-    assert conn["dead_letters"] > 0
-    assert sum(report["connector_dead_letters"].values()) >= conn["dead_letters"]
-    assert any(k.startswith("deadletter.ingest.salesforce/gap") for k in report["connector_dead_letters"])
-    assert report["commands"].get("create_invoice", 0) > 0 and report["commands"].get("update_customer", 0) > 0
-    assert "demo: through the connectors" in out.stderr and "demo: accounted" in out.stderr
-
-
 def test_native_demo_text_report_ends_unaccounted_zero(broker, tmp_path):
     env = dict(os.environ, KAFKA_BOOTSTRAP_SERVERS=broker.bootstrap_servers)
     out = subprocess.run([sys.executable, "-m", "concord", "demo", "--native", "--customers", "8", "--days", "8",
@@ -118,8 +96,12 @@ def test_a_stack_demo_accounts_for_everything_and_matches_the_canonical_flows(st
     assert _open(report) == expected_exceptions(_open(canonical_run), stack) and _open(report)
     assert report["closed_loop"]["injected_losses_found"] == report["closed_loop"]["injected_losses"] == \
         canonical_run["closed_loop"]["injected_losses"]
+    # every connector dead letter was read back from deadletter.ingest.<source>
+    assert 0 < conn["dead_letters"] <= sum(report["connector_dead_letters"].values())
+    assert sum(report["outcomes"].values()) == report["published"] == conn["canonical_events"]
     if stack != "salesforce-debezium-stripe":  # notifications without their record, answered by the fetcher
         assert conn["outcomes"]["fetched"] == conn["fetches"]["notices"] > 10 and "failed" not in conn["fetches"]
+        assert any("/gap" in k for k in report["connector_dead_letters"]), "the fetch requests are on the broker"
 
 
 def test_a_stack_needs_native_and_an_unknown_one_lists_the_valid_ones(tmp_path):
