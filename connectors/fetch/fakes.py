@@ -108,8 +108,10 @@ def hubspot_app(script: Script, token: str = "hubspot-token") -> web.Application
             return web.json_response(body, status=status, headers=headers)
         if script.over_limit():
             policy = "SECONDLY" if script.rate_window_s <= 1 else "TEN_SECONDLY_ROLLING"
-            status, headers, body = hubspot_error(429, "You have reached your secondly limit.", "RATE_LIMITS",
-                                                  errorType="RATE_LIMIT", policyName=policy)
+            said = "You have reached your secondly limit." if policy == "SECONDLY" else \
+                "You have reached your ten_secondly_rolling limit."
+            status, headers, body = hubspot_error(429, said, "RATE_LIMITS", errorType="RATE_LIMIT",
+                                                  policyName=policy)
             return web.json_response(body, status=status, headers=headers)
         queued = script.failures.get(oid) or []
         if queued:

@@ -206,8 +206,9 @@ def _hubspot_error(exc: Exception, status: int) -> ReadError:
     if status == 429:
         # the per-second policies refill within a second; HubSpot sends no Retry-After for them
         hint = _retry_after((getattr(exc, "headers", None) or {}).get("Retry-After"))
-        secondly = str(doc.get("policyName") or "").upper() in ("SECONDLY", "TEN_SECONDLY_ROLLING")
-        return TransientReadError(said, hint if hint is not None else (1.0 if secondly else None))
+        # SECONDLY refills within a second; TEN_SECONDLY_ROLLING (the private-app burst limit) within ten
+        window = {"SECONDLY": 1.0, "TEN_SECONDLY_ROLLING": 10.0}.get(str(doc.get("policyName") or "").upper())
+        return TransientReadError(said, hint if hint is not None else window)
     if status == 0 or status >= 500:
         return TransientReadError(said)
     return PermanentReadError(said)

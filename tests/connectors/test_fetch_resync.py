@@ -68,3 +68,23 @@ def test_a_resync_the_vendor_cannot_answer_is_a_dead_letter_and_an_exception():
     out = f.Fetcher({"salesforce": NoQuery()}, c.Context()).handle(f.Notice("salesforce", as_json(OVERFLOW), None))
     assert out.batch.deadletters[0].record["stage"] == "fetch" and out.exceptions[0]["reason_code"] == "fetch_failed"
     assert "offers no query by modification time" in out.batch.deadletters[0].record["error"]
+
+
+def test_hubspots_ten_secondly_burst_limit_waits_for_its_window():
+    from connectors.fetch.fakes import hubspot_app, hubspot_error
+    from connectors.fetch.readers import HubSpotReader
+
+    body = [{"eventId": 1, "subscriptionId": 2, "portalId": 62515, "occurredAt": 1714490400000, "attemptNumber": 0,
+             "subscriptionType": "company.propertyChange", "objectId": 9912400, "propertyName": "billing_email"}]
+    script = Script(records={"9912400": {"properties": {"name": "Acme", "billing_email": "ap@acme.example"}}})
+    script.failures["9912400"] = [hubspot_error(429, "You have reached your ten_secondly_rolling limit.",
+                                                "RATE_LIMITS", errorType="RATE_LIMIT",
+                                                policyName="TEN_SECONDLY_ROLLING")]
+    waits: list[float] = []
+    with serve(hubspot_app(script, "hs")) as base:
+        fetcher = f.Fetcher({"hubspot": HubSpotReader("hs", base)}, c.Context(identity=IdentityMap(None)),
+                            wait=lambda s: waits.append(s) or False)
+        out = fetcher.handle(f.Notice("hubspot", as_json(body), b"9912400"))
+    [m] = out.batch.events  # a property change without its value: the company read whole
+    assert m.event["payload"]["email"] == "ap@acme.example" and m.event["op"] == "snapshot"
+    assert waits == [10.0], "the burst window is ten seconds, not one"
