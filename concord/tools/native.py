@@ -312,7 +312,7 @@ class NativeFeed:
                                                         "price": f"{ln['unit_price_cents'] / 100:.2f}",
                                                         "name": ln["description"]} for ln in p["lines"]])}
             prev = self._prev.get(oid)
-            record = {"properties": props, "companies": [cid], "updatedAt": _iso(at)}
+            record = {"properties": props, "companies": [cid] if cid else [], "updatedAt": _iso(at)}
             if prev is None:
                 body = self._hs_events(at, {"subscriptionType": "deal.creation", "objectId": int(oid)})
             else:  # new apps subscribe with object.*: 0-3 is the deal type; these changes carry their values
@@ -327,7 +327,7 @@ class NativeFeed:
         """An id-only Jobber webhook; the job itself is what Jobber's GraphQL API answers."""
         p = e["payload"]
         jid = ids["jobber_job"]
-        job = {"id": jid, "jobStatus": _JOBBER_STATUS[p["status"]],
+        job: dict[str, Any] = {"id": jid, "jobStatus": _JOBBER_STATUS[p["status"]],
                "startAt": _iso(p["scheduled_for"]) if p["scheduled_for"] else None,
                "completedAt": _iso(p["completed_at"]) if p["completed_at"] else None,
                "client": {"id": ids["jobber_client"], "name": None, "emails": []},

@@ -77,7 +77,7 @@ def measure(count: int, latency_s: float, concurrency: int, rate_limit: int = 0,
            "jobber": lambda: fakes.jobber_app(script, KEY),
            "salesforce": lambda: fakes.salesforce_app(script, KEY, "59.0")}[vendor]()
     with serve(app, tls) as base:
-        reader = {"stripe": lambda: StripeReader(KEY, base), "hubspot": lambda: HubSpotReader(KEY, base),
+        reader: Any = {"stripe": lambda: StripeReader(KEY, base), "hubspot": lambda: HubSpotReader(KEY, base),
                   "jobber": lambda: JobberReader(KEY, f"{base}/api/graphql"),
                   "salesforce": lambda: SalesforceReader(base, KEY, "59.0", verify=ca)}[vendor]()
         fetcher = Fetcher({vendor: reader}, c.Context(identity=IdentityMap()))

@@ -265,6 +265,8 @@ def map_record(record: Any, raw: bytes, ctx: c.Context) -> c.Outcome:
         # the last good point: the overflowing transaction's commit time (its records were changed at or after it)
         since = c.to_ms(c.require(hdr, "commitTimestamp", what="ChangeEventHeader.commitTimestamp"),
                         "commitTimestamp")
+        if since is None:
+            raise c.BadInput("GAP_OVERFLOW with an empty commitTimestamp: no point to resync from", ids[0])
         out.rereads.append(c.Reread(VENDOR, entity, [], change,
                                     f"overflow event: a transaction changed too many {entity_name} records for "
                                     f"change events; resync {entity_name} records modified since "

@@ -1,5 +1,6 @@
 """The three native stacks against the canonical business, in process: same commands, exceptions as stated."""
 
+import json
 from collections import Counter
 
 import pytest
@@ -40,22 +41,25 @@ def native_flows(stack: str, tmp_path) -> tuple[dict[str, int], dict[str, int], 
             vendors.deliver(r)
             b = normalize(r.source, r.raw, ctx, None if r.restart else dedupe)
             dedupe.remember(b.dedupe_keys)
-            events = [m.event for m in b.events]
+            events = list(b.events)
             for d in b.deadletters:
                 seen[d.record["stage"]] += 1
                 if d.record["stage"] == "gap":  # the fetch request, answered from the vendor's loopback API
                     out = fetcher.handle(Notice(r.source, d.record["original_value"], d.key))
                     assert not out.exceptions, out.batch.deadletters[0].message
-                    events += [m.event for m in out.batch.events]
+                    events += out.batch.events
                     seen["snapshot"] += len(out.batch.events)
-            for e in events:
+            for m in events:
+                e = m.event
                 if e["entity_type"] == "customer":
                     crm_seen.add(e["entity_id"])
                 # resolved to the CRM's id once the CRM's record has taught the link (and no change overtook it)
                 if r.customer_id in crm_seen and r.fault != "out_of_order":
                     assert e["customer_id"] == r.customer_id, (r.source, e["entity_id"])
                 seen["unresolved"] += e["customer_id"] is None
-                h.feed_event(e)
+                # as Publisher sends it: ranked candidates ride in a header when the customer is unresolved
+                headers = {"concord-customer-candidates": json.dumps(m.candidates).encode()} if m.candidates else {}
+                h.feed(m.topic, e["entity_id"].encode(), h.codec.encode("change_event", e), headers=headers)
         seen["api_calls"] = vendors.calls
     cmds, exc = _flows(h)
     return cmds, exc, seen
