@@ -80,9 +80,18 @@ def wait_for_http(url: str, proc: subprocess.Popen | None = None, timeout: float
 def run_demo(args: argparse.Namespace) -> int:
     """Run the whole demo; returns 0 when every published record is accounted for."""
     from concord.contracts import topics
+    from concord.tools.native import DEFAULT_STACK, STACKS
     from concord.tools.report import collect, end_offsets, render, start_group_at_end, watched_topics
     from concord.tools.simulator import LOSSES, Simulator
 
+    if args.stack and not args.native:
+        print("concord demo: error: --stack needs --native (the stacks are the vendors' own formats)", file=sys.stderr)
+        return 2
+    if args.stack and args.stack not in STACKS:
+        print(f"concord demo: error: unknown stack {args.stack!r}; valid stacks: {', '.join(STACKS)}",
+              file=sys.stderr)
+        return 2
+    stack = args.stack or DEFAULT_STACK
     started = time.monotonic()
     state_dir = Path(args.state_dir)
     with open_broker() as broker:
@@ -104,19 +113,28 @@ def run_demo(args: argparse.Namespace) -> int:
             say(f"worker up (metrics on http://127.0.0.1:{port}/metrics, log {state_dir / 'worker.log'})")
             sim = Simulator(customers=args.customers, days=args.days, seed=args.seed, faults=LOSSES)
             sim.history()  # fills sim.injected: the losses the target systems will show
-            loop = TargetSystems(broker.bootstrap_servers, state_dir, app_id, sim, args.confirm_within)
-            connector = None
-            if args.native:  # the vendors' formats, through the real inbound connectors
-                from concord.tools.native import NativeFeed, ingest
+            feed = None
+            if args.native:
+                from concord.tools.native import NativeFeed
 
-                native = NativeFeed(sim).records()
-                say(f"simulating {args.customers} customers over {args.days} days: {len(native)} native records "
-                    "(Salesforce CDC, Debezium jobs, Stripe events)")
-                # from the real ends: the embedded broker reports a shorter one, and the report would count
-                # (and wait for the confirmation of) commands an earlier run left in the topics' last batch
-                since = read_ends(broker.bootstrap_servers,
-                                  end_offsets(broker.bootstrap_servers, watched_topics(native=True)))
-                connector = ingest(broker.bootstrap_servers, native, progress=_progress("through the connectors"))
+                feed = NativeFeed(sim, stack)
+                native = feed.records()  # fills feed.canonical: native ids -> the simulator's
+            loop = TargetSystems(broker.bootstrap_servers, state_dir, app_id, sim, args.confirm_within,
+                                 canonical=feed.to_canonical if feed else None)
+            connector = None
+            if feed is not None:  # the vendors' formats, through the real inbound connectors and the fetcher
+                from concord.tools.native import VendorFakes, ingest
+
+                s = feed.stack
+                say(f"simulating {args.customers} customers over {args.days} days as {stack}: {len(native)} native "
+                    f"records ({s.crm}, {s.dispatch}, Stripe API {s.stripe_version})")
+                # the real ends (the embedded broker reports its last batch's start): not an earlier run's records
+                since = read_ends(broker.bootstrap_servers, end_offsets(broker.bootstrap_servers,
+                                                                       watched_topics(native=True)))
+                with VendorFakes(feed.stack, state_dir / f"fakes-{app_id}") as vendors:
+                    say(f"loopback vendor APIs serve the fetches: {', '.join(vendors.readers)}")
+                    connector = ingest(broker.bootstrap_servers, native, progress=_progress("through the connectors"),
+                                       vendors=vendors)
                 published = connector.published
                 sample = _sample_customer(published)
             else:
@@ -169,7 +187,8 @@ def demo_flows(state_dir: Path, confirm_within: float) -> Path:
 class TargetSystems:
     """The sandbox adapter as the target systems, losing what the simulator injects, echoing the CRM's feed."""
 
-    def __init__(self, bootstrap: str, state_dir: Path, app_id: str, sim: Any, confirm_within: float) -> None:
+    def __init__(self, bootstrap: str, state_dir: Path, app_id: str, sim: Any, confirm_within: float,
+                 canonical: Any = None) -> None:
         from concord.contracts.topics import TARGET_SYSTEMS
         from concord.domain.flow_config import load_flow_config
         from concord.tools.simulator import Echoes, LossyTarget
@@ -193,7 +212,7 @@ class TargetSystems:
 
         def run() -> None:
             self.target = LossyTarget(self.db, self.echoes, set(sim.injected["lost_invoice"]), seed=sim.seed,
-                                      late_s=confirm_within * 1.5 + 2)
+                                      late_s=confirm_within * 1.5 + 2, canonical=canonical)
             self.adapter = Adapter(bootstrap, self.target, list(TARGET_SYSTEMS), group=f"{app_id}-adapters",
                                    log=self.log)
             made.set()
@@ -366,6 +385,11 @@ def register(sub: Any) -> None:
                    help="the simulator speaks the vendors' formats (Salesforce Change Data Capture, Debezium, Stripe "
                    "events), fed through the inbound connectors as `concord ingest` does; the report accounts for "
                    "every native record at the connector and every canonical event it published at the worker")
+    p.add_argument("--stack", default=None, metavar="NAME",
+                   help="with --native: which vendors play CRM, dispatch and billing: salesforce-debezium-stripe "
+                   "(default), salesforce-jobber-stripe (Stripe's current API version, thin events, id-only Jobber "
+                   "webhooks) or hubspot-debezium-stripe (a 2024 Stripe API version); notifications without "
+                   "their record are fetched from loopback fakes of the vendors' APIs")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--serve", action="store_true",
                    help="after the report, keep the broker and worker running, start the sandbox adapters and print "

@@ -461,8 +461,9 @@ def _render_connector(r: Report) -> list[str]:
     notes = {"published": f"-> {len(ing.published)} canonical events, counted below",
              "duplicate": "dropped by the connector's dedupe",
              "rejected": "dead-lettered with the original bytes", "gap": "no field data: dead-lettered as gap",
+             "fetched": "a gap notice the fetcher answered with the record from the vendor's API",
              "skipped": "tombstones and the like"}
-    for o in ("published", "duplicate", "rejected", "gap", "skipped"):
+    for o in ("published", "fetched", "duplicate", "rejected", "gap", "skipped"):
         lines.append(f"  {o:<13} {ing.outcomes.get(o, 0):>6}  ({notes[o]})")
     lines.append(f"  {'unaccounted':<13} {len(r.connector_missing):>6}")
     lines += ["", "native faults and what the connectors did with them:"]

@@ -357,11 +357,13 @@ class LossyTarget:
     name = "sandbox"
 
     def __init__(self, db: Any, echoes: Echoes, lost_deals: set[str], seed: int = 7, late_s: float = 12.0,
-                 rates: dict[str, float] | None = None) -> None:
+                 rates: dict[str, float] | None = None, canonical: Callable[[str], str] | None = None) -> None:
         from connectors.outbound.sandbox import SandboxTarget
 
         self.rates = {**CRM_FAULTS, **(rates or {})}
         self.seed, self.late_s, self.echoes, self.lost_deals = seed, late_s, echoes, lost_deals
+        # native feeds: a native deal / invoice id -> the simulator's, so the same losses fall on the same records
+        self.canonical = canonical or (lambda native: native)
         self.inner = SandboxTarget(db, echo=self._echo, echo_systems=("crm",))
         self.types = self.inner.types
         self.dropped: list[str] = []  # command ids reported applied and never carried out
@@ -371,14 +373,20 @@ class LossyTarget:
         """Apply ``cmd`` as the simulated target would (see the class docstring)."""
         from connectors.outbound.base import APPLIED, Result
 
-        if cmd.type == "create_invoice" and cmd.entity_type == "deal" and cmd.entity_id in self.lost_deals:
+        if cmd.type == "create_invoice" and cmd.entity_type == "deal" and self.canonical(cmd.entity_id) in \
+                self.lost_deals:
             self.dropped.append(cmd.command_id)
             return Result(APPLIED, f"inv_{cmd.command_id[:24]}")  # it says so, and never does it
         if cmd.type == "void_invoice":  # billing's own feed (the history) voids it; the sandbox holds no invoices
             return Result(APPLIED, str(cmd.payload["invoice_id"]))
         if cmd.type == "update_deal_billing_status" and cmd.payload.get("billing_status") == "paid":
             # only the last update a deal gets: a later one would mask the loss of an earlier one
-            draw = random.Random(f"{self.seed}:{cmd.command_id}").random()
+            from concord.domain.ids import command_id
+
+            inv = str(cmd.payload.get("invoice_id"))
+            key = command_id(cmd.type, cmd.target_system, cmd.entity_type, self.canonical(cmd.entity_id), "paid",
+                             self.canonical(inv)) if inv != "None" else cmd.command_id
+            draw = random.Random(f"{self.seed}:{key}").random()
             if draw < self.rates["dropped"]:
                 self.dropped.append(cmd.command_id)
                 return Result(APPLIED, str(cmd.payload.get("deal_id")))

@@ -71,6 +71,7 @@ class Reread:
     dedupe_key: str
     raw: bytes = b""
     seq: int | None = None  # the notification's place in the entity's order, for the snapshot a fetch makes
+    since_ms: int | None = None  # a resync (no record ids): every record of the type changed since this time
 
 
 @dataclass
@@ -104,6 +105,11 @@ class Context:
 
 
 # ---------------------------------------------------------------- small parsers
+
+
+def iso_ms(ms: int) -> str:
+    """Epoch milliseconds as ISO 8601 UTC with milliseconds (``2026-01-02T03:04:05.678Z``)."""
+    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
 
 
 def to_ms(value: Any, what: str = "timestamp") -> int | None:
