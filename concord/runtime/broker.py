@@ -595,8 +595,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nodes", type=int, default=1, help="KRaft nodes, each broker and controller (default 1)")
     parser.add_argument("--data-dir", type=Path, help="keep the log here across runs (default: a temporary dir)")
     parser.add_argument("--fetch-only", action="store_true", help="fetch into the cache and exit")
+    parser.add_argument("--fetch-connect", action="store_true",
+                        help=f"fetch Kafka Connect {CONNECT_VERSION} and Debezium {DEBEZIUM_VERSION} into the cache "
+                             "and exit")
     args = parser.parse_args(argv)
     try:
+        if args.fetch_connect:
+            print(fetch_connect(log=sys.stderr).parent)
+            return 0
         if args.fetch_only:
             print(fetch_kafka(args.version, log=sys.stderr).parent)
             return 0
