@@ -98,3 +98,6 @@ connect-fetch: $(CONNECT_STAMP) ## fetch Kafka Connect and the Debezium PostgreS
 
 # the Debezium test runs Connect against Apache Kafka: both test targets need its jars
 test test-kafka: $(CONNECT_STAMP)
+
+stack: $(STAMP) $(APT_STAMP) $(KAFKA_STAMP) $(CONNECT_STAMP) ## the compose deployment without Docker: Kafka, Connect + Debezium, relay, two workers, webhooks, adapters, Prometheus (STACK_ARGS="--fresh"); Ctrl-C stops
+	$(PY) -m concord.tools.stack $(STACK_ARGS)
