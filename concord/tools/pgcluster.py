@@ -88,6 +88,10 @@ def start_postgres(root: Path | None = None, *, logical: bool = False, port: int
     root.mkdir(parents=True, exist_ok=True)
     as_user, pw = _run_as()
     if pw is not None:
+        closed = [str(d) for d in root.resolve().parents if not os.stat(d).st_mode & 0o001]
+        if closed:  # the server runs as another user, who must reach its data directory
+            raise PostgresError(f"{root}: the {pw.pw_name} user running PostgreSQL cannot enter {closed[0]} "
+                                "(mode o-x): choose a directory under one others can traverse")
         os.chown(root, pw.pw_uid, pw.pw_gid)
     port = port or free_port()
     log = root / "server.log"
