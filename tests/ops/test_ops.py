@@ -353,8 +353,9 @@ def test_every_image_is_pinned() -> None:
 def test_services_built_from_the_dockerfile() -> None:
     services = compose()["services"]
     built = {name for name, s in services.items() if "build" in s}
-    assert built == {"worker-1", "worker-2", "webhooks"}
-    for name in built:
+    assert built == {"worker-1", "worker-2", "webhooks", "relay", "adapters", "connect"}
+    assert services["connect"]["build"]["dockerfile"] == "ops/connect/Dockerfile"  # Java: Connect and Debezium
+    for name in built - {"connect"}:
         assert (ROOT / services[name]["build"]["context"] / services[name]["build"]["dockerfile"]) == DOCKERFILE
         env = services[name]["environment"]
         assert env["KAFKA_BOOTSTRAP_SERVERS"] == "kafka:9092"
