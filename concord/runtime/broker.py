@@ -299,6 +299,17 @@ def _node_properties(node_id: int, port: int, controller_port: int, voters: str,
     return "".join(f"{k}={v}\n" for k, v in props.items())
 
 
+def new_cluster_id() -> str:
+    """A KRaft cluster id as Kafka makes one: 16 random bytes, url-safe base64, never starting with "-".
+
+    One in 64 ids would otherwise start with "-", which the storage tool's argument parser reads as an option.
+    """
+    while True:
+        cid = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not cid.startswith("-"):
+            return cid
+
+
 def start_kafka(nodes: int = 1, data_dir: Path | None = None, version: str | None = None,
                 timeout: float = 180.0, log=None) -> KafkaCluster:
     """Start Apache Kafka (KRaft) on free loopback ports; a ``data_dir`` that exists is reused, not reformatted."""
@@ -313,7 +324,7 @@ def start_kafka(nodes: int = 1, data_dir: Path | None = None, version: str | Non
     voters = ",".join(f"{i + 1}@127.0.0.1:{c}" for i, (_, c) in enumerate(ports))
     cluster_id_file = root / "cluster-id"
     if not cluster_id_file.exists():
-        cluster_id_file.write_text(base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("="))
+        cluster_id_file.write_text(new_cluster_id())
     cluster_id = cluster_id_file.read_text().strip()
     members: list[KafkaNode] = []
     for i, (port, cport) in enumerate(ports):

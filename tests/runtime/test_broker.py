@@ -9,7 +9,7 @@ from confluent_kafka.admin import AdminClient
 from concord.contracts import topics
 from concord.contracts.codec import Codec
 from concord.exceptions import TopicMismatch
-from concord.runtime.broker import ensure_topics
+from concord.runtime.broker import ensure_topics, new_cluster_id
 
 pytestmark = pytest.mark.broker
 
@@ -73,3 +73,10 @@ def test_read_ends_finds_the_last_record_of_a_partitions_last_batch(broker, uid)
     c.close()
     assert 1 <= reported <= 7
     assert read_ends(broker.bootstrap_servers, {(name, 0): reported}) == {(name, 0): 7}
+
+
+def test_a_new_kraft_cluster_id_is_never_read_as_an_option() -> None:
+    # kafka-storage format -t ID: an id starting with "-" (one in 64 random ones) is parsed as an option
+    ids = [new_cluster_id() for _ in range(5000)]
+    assert not [i for i in ids if i.startswith("-")]
+    assert len(set(ids)) == len(ids) and {len(i) for i in ids} == {22}  # 16 bytes, url-safe base64, no padding
