@@ -146,8 +146,11 @@ _CUSTOMER_META = frozenset({"event_id", "trace_id", "occurred_at", "seq"})
 
 def touched(st: dict[str, Any], entity: str, entity_id: str, old: dict[str, Any],
             new: dict[str, Any]) -> dict[str, set[str]]:
-    """The records (by entity, ids) whose rules read what one event changed: ``old`` and ``new`` are the
-    record as the rules saw it before and see it now. Every other record warrants what it warranted."""
+    """The records (by entity, ids) whose rules read what one event changed.
+
+    ``old`` and ``new`` are the record as the rules saw it before and see it now. Every other record warrants
+    what it warranted.
+    """
     out: dict[str, set[str]] = {"deal": set(), "job": set(), "invoice": set(), "payment": set()}
     idx = st["index"]
     if entity == "customer":
@@ -532,7 +535,7 @@ def _payment_rules(st: dict[str, Any], payments: list[tuple[str, dict[str, Any]]
 
 def _first(st: dict[str, Any], entity: str, listed: str, test: Callable[[dict[str, Any]], bool],
            n: int = 5) -> list[tuple[str, dict[str, Any]]]:
-    """The first ``n`` records of ``entity`` (by id) that pass ``test``: from the index's ``listed`` where it has one."""
+    """The first ``n`` records of ``entity`` (by id) that pass ``test``: from the index's ``listed`` if valid."""
     records = st[COLLECTION[entity]]
     ids = st["index"][listed] if index_valid(st) else sorted(records)
     out = []

@@ -263,8 +263,11 @@ def build_index(status: dict[str, Any]) -> dict[str, Any]:
 
 def reindex(status: dict[str, Any], entity: str, entity_id: str, old: dict[str, Any], new: dict[str, Any],
             fresh: bool = False) -> None:
-    """Move one record's entries in the index from what ``old`` said to what ``new`` says (records as the rules
-    see them). Copy on write: every container changed is a copy, so a forked status never touches its original."""
+    """Move one record's entries in the index from what ``old`` said to what ``new`` says.
+
+    ``old`` and ``new`` are the record as the rules see it. Copy on write: every container changed is a copy,
+    so a forked status never touches its original.
+    """
     idx = status["index"] if fresh else dict(status["index"])
     status["index"] = idx
     touched: set[str] = set()

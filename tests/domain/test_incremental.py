@@ -27,7 +27,8 @@ def _ids(prefix, n):
 
 
 def _lines(rng):
-    return [ev.line(rng.choice(SKUS), rng.randint(1, 2), rng.choice((10_000, 25_000))) for _ in range(rng.randint(0, 2))]
+    return [ev.line(rng.choice(SKUS), rng.randint(1, 2), rng.choice((10_000, 25_000)))
+            for _ in range(rng.randint(0, 2))]
 
 
 def random_history(rng, n):
