@@ -220,7 +220,7 @@ def settle(st: dict[str, Any], cfg: FlowConfig, now: int, event: dict[str, Any],
         for cid in new_ids:
             bisect.insort(issued, cid)
     st["issued"] = issued
-    confirmed = _observe(st, event, now, pending)
+    confirmed = _observe(st, event, now, pending, new_ids, touched is None)
     if confirmed:
         out.facts["confirmed"] = confirmed
     keep = None
@@ -235,15 +235,34 @@ def settle(st: dict[str, Any], cfg: FlowConfig, now: int, event: dict[str, Any],
     return out
 
 
-def _observe(st: dict[str, Any], event: dict[str, Any], now: int, pending: list[str] | None) -> list[str]:
-    """confirm.observe over the commands not confirmed yet (the index's ``pending``), written back to ``st``."""
+# The records whose change can show a command of each type done (confirm.matching_record): any other event
+# can confirm a pending command only by echoing its id.
+_CONFIRMED_BY = {"create_invoice": frozenset({"invoice", "job"}), "create_job": frozenset({"job"}),
+                 "update_deal_billing_status": frozenset({"deal"}), "void_invoice": frozenset({"invoice"})}
+
+
+def _observe(st: dict[str, Any], event: dict[str, Any], now: int, pending: list[str] | None,
+             fresh: list[str], everything: bool) -> list[str]:
+    """confirm.observe over the commands not confirmed yet that this event can confirm, written back to ``st``.
+
+    After every decision no pending command has a record showing it done, so only those just issued
+    (``fresh``), the one the event echoes and those whose type the event's entity can confirm are looked at;
+    ``everything`` (a decision in full) looks at all pending ones.
+    """
     if pending is None:
         return confirm.observe(st, event, now)
-    view = dict(st, commands={cid: st["commands"][cid] for cid in pending if cid in st["commands"]})
-    confirmed = confirm.observe(view, event, now)
-    if confirmed:
-        st["commands"] = {**st["commands"], **{cid: view["commands"][cid] for cid in confirmed}}
-        pending = [cid for cid in pending if cid not in set(confirmed)]
+    commands, entity, echo = st["commands"], event["entity_type"], event.get("caused_by_command_id")
+    look = {cid: commands[cid] for cid in pending if cid in commands and (
+        everything or cid == echo or cid in fresh or entity in _CONFIRMED_BY.get(commands[cid]["type"], ()))}
+    if not look:
+        confirmed: list[str] = []
+    else:
+        view = dict(st, commands=look)
+        confirmed = confirm.observe(view, event, now)
+        if confirmed:
+            st["commands"] = {**commands, **{cid: view["commands"][cid] for cid in confirmed}}
+            done = set(confirmed)
+            pending = [cid for cid in pending if cid not in done]
     if pending != st["index"]["pending"]:
         st["index"] = {**st["index"], "pending": pending}
     return confirmed

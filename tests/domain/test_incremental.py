@@ -34,7 +34,7 @@ def _lines(rng):
 def random_history(rng, n):
     """Events of one customer whose records keep changing what they name: deals, jobs, invoices, payments linked
     and relinked at random, deleted, cancelled, paid and failed, with the customer's billing setup changing."""
-    deals, jobs, invs, pays = _ids("d", 4), _ids("j", 4), _ids("i", 4), _ids("p", 3)
+    deals, jobs, invs, pays = _ids("d", 3), _ids("j", 3), _ids("i", 3), _ids("p", 2)
     seqs = {}
     whole = set()
     out = []
