@@ -52,7 +52,7 @@ def empty_status(customer_key: str) -> dict[str, Any]:
         "key": customer_key,
         "customer": None,
         "deals": {}, "jobs": {}, "invoices": {}, "payments": {},
-        "seqs": {},  # "<entity_type>:<entity_id>" -> last applied seq
+        "seqs": {},  # "<entity_type>:<entity_id>" -> last applied seq, where the record does not say it
         "issued": [],  # command ids already issued for this customer
         "exceptions": {},  # open exceptions the rules raised: id -> what and when
         "overrides": {},  # owners' patches: "<entity_type>:<entity_id>" -> {field: value}
@@ -81,9 +81,14 @@ def apply_event(status: dict[str, Any], event: dict[str, Any]) -> bool:
 def _apply(status: dict[str, Any], event: dict[str, Any]) -> bool:
     entity, entity_id = event["entity_type"], event["entity_id"]
     ref = f"{entity}:{entity_id}"
-    if event["seq"] < status["seqs"].get(ref, -1):
+    # The last applied seq is the record's own; ``seqs`` holds it where no record was written (and in statuses
+    # written before records carried it alone), so that an event never copies a map of all the customer's records.
+    rec = status["customer"] if entity == "customer" else status[COLLECTION[entity]].get(entity_id)
+    known = max(status["seqs"].get(ref, -1), (rec or {}).get("seq", -1))
+    if event["seq"] < known:
         return False
-    status["seqs"][ref] = event["seq"]
+    if entity == "customer" and event["op"] != "delete" and event["payload"] is None:
+        status["seqs"] = {**status["seqs"], ref: event["seq"]}
     meta = {"event_id": event["event_id"], "trace_id": event["trace_id"], "occurred_at": event["occurred_at"],
             "seq": event["seq"]}
     payload = event["payload"]
