@@ -90,7 +90,8 @@ def decide(status: dict[str, Any] | None, event: dict[str, Any], cfg: FlowConfig
 def _fork_for(status: dict[str, Any], entity: str) -> dict[str, Any]:
     """A copy of ``status`` that deciding one event of ``entity`` may change without touching the original.
 
-    Only what every decision writes is copied here (the entity's collection, open exceptions); the rest (other collections, commands, the index) is copied where it is changed.
+    Only what every decision writes is copied here (the entity's collection, open exceptions); the rest
+    (other collections, sequence numbers, commands, the index) is copied where it is changed.
     A status without a valid index is decided in full, and gets a full fork.
     """
     if not index_valid(status) or not status.get("customer_id"):
