@@ -84,3 +84,20 @@ fuzz: $(STAMP) ## mutated vendor payloads per connector and signed hostile bodie
 
 clean: ## remove the virtual environment and local state
 	rm -rf $(VENV) .concord .pytest_cache .hypothesis
+
+# Kafka Connect with Debezium's PostgreSQL connector (ops/connect): fetched with mvn into the same cache, once.
+.PHONY: connect-fetch stack
+CONNECT_VERSIONS := $(shell $(PYTHON) -c 'import re,pathlib;t=pathlib.Path("concord/runtime/broker.py").read_text();print(re.search(r"CONNECT_VERSION = \"([^\"]+)\"",t)[1]+"-debezium-"+re.search(r"DEBEZIUM_VERSION = \"([^\"]+)\"",t)[1])')
+CONNECT_STAMP := $(or $(CONCORD_CACHE_DIR),$(HOME)/.cache/concord)/connect-$(CONNECT_VERSIONS)/libs/.complete
+
+$(CONNECT_STAMP): | $(STAMP)  # delete the cache dir to fetch again
+	@$(MAKE) --no-print-directory java
+	$(PY) -m concord.runtime.broker --fetch-connect
+
+connect-fetch: $(CONNECT_STAMP) ## fetch Kafka Connect and the Debezium PostgreSQL connector into the cache (once)
+
+# the Debezium test runs Connect against Apache Kafka: both test targets need its jars
+test test-kafka: $(CONNECT_STAMP)
+
+stack: $(STAMP) $(APT_STAMP) $(KAFKA_STAMP) $(CONNECT_STAMP) ## the compose deployment without Docker: Kafka, Connect + Debezium, relay, two workers, webhooks, adapters, Prometheus (STACK_ARGS="--fresh"); Ctrl-C stops
+	$(PY) -m concord.tools.stack $(STACK_ARGS)

@@ -57,12 +57,15 @@ def job(status: str, lines: list[dict[str, Any]], *, deal_id: str | None, schedu
 
 def invoice(status: str, lines: list[dict[str, Any]], *, deal_id: str | None = None, job_id: str | None = None,
             amount_due_cents: int | None = None, amount_paid_cents: int = 0, issued_at: int | None = None,
-            due_at: int | None = None, currency: str = "USD") -> dict[str, Any]:
-    """A billing invoice record."""
+            due_at: int | None = None, currency: str = "USD",
+            billed_to: dict[str, str | None] | None = None) -> dict[str, Any]:
+    """A billing invoice record; ``billed_to``: billing's customer name, email and address, when its feed says."""
+    to = billed_to or {}
     return {"status": status, "deal_id": deal_id, "job_id": job_id,
             "amount_due_cents": total(lines) if amount_due_cents is None else amount_due_cents,
             "amount_paid_cents": amount_paid_cents, "currency": currency, "lines": lines, "issued_at": issued_at,
-            "due_at": due_at}
+            "due_at": due_at, "customer_name": to.get("name"), "customer_email": to.get("email"),
+            "customer_address": to.get("address")}
 
 
 def payment(status: str, invoice_id: str | None, amount_cents: int, *, attempt: int = 1,

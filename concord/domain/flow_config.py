@@ -62,6 +62,8 @@ class FlowConfig(BaseModel):
     # not followed to confirmation (no feed of that system reflects them).
     confirm_within_s: dict[str, float] = Field(default_factory=dict)
     won_unbilled_hours: float = Field(72, gt=0)
+    # Seconds billing has to carry the CRM's customer master data (sent as update_customer) on what it issues.
+    customer_sync_within_s: float = Field(3600, gt=0)
     overdue_invoice_exception: bool = False
     catalog: dict[str, CatalogItem]
     billing_directory: list[BillingAccount] = Field(default_factory=list)

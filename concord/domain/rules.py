@@ -49,7 +49,7 @@ __all__ = ["Outcome", "act", "command_id", "decide", "empty_status", "stable_id"
 CUSTOMER_FIELDS = ("billing_account_id", "billing_terms", "billing_policy", "email", "name", "billing_address")
 # Reasons only the time-driven rules (concord/domain/timed_rules.py) open and close.
 TIMED_REASONS = frozenset({"command_unconfirmed", "unbilled_work", "won_not_billed", "billing_drift",
-                           "overdue_invoice"})
+                           "customer_drift", "overdue_invoice"})
 _META = ("event_id", "trace_id", "occurred_at", "seq", "deleted", "won", "issued", "position")
 
 
@@ -71,6 +71,7 @@ def decide(status: dict[str, Any] | None, event: dict[str, Any], cfg: FlowConfig
     entity, entity_id = event["entity_type"], event["entity_id"]
     st = _fork_for(status, entity) if status else empty_status(key)
     was_issued = bool(st["invoices"].get(entity_id, {}).get("issued")) if entity == "invoice" else True
+    was_completed = bool(st["jobs"].get(entity_id, {}).get("completed_at")) if entity == "job" else True
     incremental = index_valid(st) and st["customer_id"] is not None
     if incremental:
         raw_old = _raw(st, entity, entity_id)
@@ -80,11 +81,11 @@ def decide(status: dict[str, Any] | None, event: dict[str, Any], cfg: FlowConfig
     if not incremental:
         build_index(st)
         refresh_positions(st)
-        return settle(st, cfg, now, event, was_issued)
+        return settle(st, cfg, now, event, was_issued, was_completed)
     new = effective_record(st, entity, entity_id) if entity != "customer" else customer_record(st) or {}
     deals, jobs = _moved(st, entity, entity_id, raw_old, _raw(st, entity, entity_id))
     refresh_positions(st, deals, jobs)
-    return settle(st, cfg, now, event, was_issued, touched(st, entity, entity_id, old, new))
+    return settle(st, cfg, now, event, was_issued, was_completed, touched(st, entity, entity_id, old, new))
 
 
 def _fork_for(status: dict[str, Any], entity: str) -> dict[str, Any]:
@@ -185,7 +186,8 @@ def touched(st: dict[str, Any], entity: str, entity_id: str, old: dict[str, Any]
 
 
 def settle(st: dict[str, Any], cfg: FlowConfig, now: int, event: dict[str, Any],
-           was_issued: bool = True, touched: dict[str, set[str]] | None = None) -> Outcome:
+           was_issued: bool = True, was_completed: bool = True,
+           touched: dict[str, set[str]] | None = None) -> Outcome:
     """Issue what the facts in ``st`` warrant and not yet issued; open and resolve exceptions to match.
 
     ``touched`` (see ``touched``) limits the look to the records an event concerns; None looks at all.
@@ -227,10 +229,16 @@ def settle(st: dict[str, Any], cfg: FlowConfig, now: int, event: dict[str, Any],
         keep = {eid for eid, e in st["exceptions"].items() if e["reason_code"] not in TIMED_REASONS
                 and e["entity_type"] in touched and e["entity_id"] not in touched[e["entity_type"]]}
     sweep(st, exceptions, now, event, out, lambda reason: reason not in TIMED_REASONS, keep)
+    # Judged once per invoice, when both facts are first known: the feeds may bring the invoice before the completion.
+    on_time = None
     if event["entity_type"] == "invoice" and not was_issued:
         on_time = _invoiced_on_time(st, event["entity_id"], cfg)
-        if on_time is not None:
-            out.facts["invoice_on_time"] = on_time
+    elif event["entity_type"] == "job" and not was_completed:
+        bills = sorted((i["issued_at"], i["id"]) for i in invoices_of(st, job_id=event["entity_id"])
+                       if i.get("issued") and i.get("issued_at"))
+        on_time = _invoiced_on_time(st, bills[0][1], cfg) if bills else None
+    if on_time is not None:
+        out.facts["invoice_on_time"] = on_time
     return out
 
 

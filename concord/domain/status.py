@@ -78,14 +78,20 @@ def apply_event(status: dict[str, Any], event: dict[str, Any]) -> bool:
     return _apply(status, event)
 
 
+def last_seq(status: dict[str, Any], entity: str, entity_id: str) -> int:
+    """The seq of the last event applied to one record of ``status`` (-1 when none was).
+
+    The record carries its own; ``seqs`` holds it where no record was written (and in statuses written before
+    records carried it alone), so that an event never copies a map of all the customer's records.
+    """
+    rec = status.get("customer") if entity == "customer" else status.get(COLLECTION[entity], {}).get(entity_id)
+    return max(status.get("seqs", {}).get(f"{entity}:{entity_id}", -1), (rec or {}).get("seq", -1))
+
+
 def _apply(status: dict[str, Any], event: dict[str, Any]) -> bool:
     entity, entity_id = event["entity_type"], event["entity_id"]
     ref = f"{entity}:{entity_id}"
-    # The last applied seq is the record's own; ``seqs`` holds it where no record was written (and in statuses
-    # written before records carried it alone), so that an event never copies a map of all the customer's records.
-    rec = status["customer"] if entity == "customer" else status[COLLECTION[entity]].get(entity_id)
-    known = max(status["seqs"].get(ref, -1), (rec or {}).get("seq", -1))
-    if event["seq"] < known:
+    if event["seq"] < last_seq(status, entity, entity_id):
         return False
     if entity == "customer" and event["op"] != "delete" and event["payload"] is None:
         status["seqs"] = {**status["seqs"], ref: event["seq"]}

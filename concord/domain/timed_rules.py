@@ -16,9 +16,11 @@ from concord.domain import confirm
 from concord.domain.flow_config import FlowConfig
 from concord.domain.rules import TIMED_REASONS as TIMED
 from concord.domain.rules import Outcome, exception_draft, is_billable_total, sweep
-from concord.domain.status import fork, invoice_paid, invoices_of
+from concord.domain.status import customer_record, fork, invoice_paid, invoices_of
 
 HOUR_MS = 3_600_000
+# The customer master data billing's invoice feed carries: the CRM's field -> the invoice's field.
+BILLED_TO = (("name", "customer_name"), ("email", "customer_email"), ("billing_address", "customer_address"))
 
 
 def when(ms: int) -> str:
@@ -112,6 +114,7 @@ def timed(st: dict[str, Any], cfg: FlowConfig, now: int) -> list[dict[str, Any]]
             f"(billing policy {policy}; {amount / 100:.2f} {deal.get('currency') or ''} won)",
             [], amount=amount, currency=deal.get("currency")))
     drafts += _billing_drift(st, cfg, now, waiting)
+    drafts += _customer_drift(st, cfg, now, others)
     if cfg.overdue_invoice_exception:
         for inv_id, cents in sorted(overdue(st, now).items()):
             inv = st["invoices"][inv_id]
@@ -151,6 +154,66 @@ def _billing_drift(st: dict[str, Any], cfg: FlowConfig, now: int,
     return drafts
 
 
+def _customer_drift(st: dict[str, Any], cfg: FlowConfig, now: int,
+                    others: set[tuple[str, str]]) -> list[dict[str, Any]]:
+    """Billing still issues under other master data than the CRM's after it had time to take the CRM's change.
+
+    Billing's record is what its latest issued invoice carries (the fields its feed leaves out are not compared);
+    the deadline runs from the CRM's last change of the customer, which is when Concord sent update_customer.
+    """
+    cust = customer_record(st)
+    if not cust or cust.get("deleted") or not st["customer_id"] or ("customer", st["customer_id"]) in others:
+        return []
+    deadline = (cust.get("occurred_at") or 0) + int(cfg.customer_sync_within_s * 1000)
+    carrying = sorted(((inv.get("issued_at") or inv.get("occurred_at") or 0), inv_id) for inv_id, inv in
+                      st["invoices"].items() if inv.get("issued") and not inv.get("deleted")
+                      and any(inv.get(b) is not None for _, b in BILLED_TO))
+    if not carrying or now < deadline or carrying[-1][0] < deadline:
+        return []  # billing has issued nothing since it had time to take the CRM's change
+    issued_at, inv_id = carrying[-1]
+    inv = st["invoices"][inv_id]
+    differ = _differing(cust, inv)
+    if not differ:
+        return []
+    # what billing sent since under other details may not reach the customer: its unpaid balance is at risk
+    stale = [i for t, i in carrying if t >= deadline and _differing(cust, st["invoices"][i])]
+    unpaid = [st["invoices"][i] for i in stale if st["invoices"][i].get("status") not in ("paid", "void")
+              and not invoice_paid(st, i)]
+    amount = sum(max(0, (i.get("amount_due_cents") or 0) - (i.get("amount_paid_cents") or 0)) for i in unpaid)
+    said = ", ".join(f"{f}={b!r} (the CRM: {c!r})" for f, c, b in differ)
+    return [exception_draft(
+        "customer_drift", st, "customer", st["customer_id"], cust,
+        f"billing issued invoice {inv_id} at {when(issued_at)} with {said}, although the CRM changed customer "
+        f"{st['customer_id']} at {when(cust.get('occurred_at') or 0)} and billing had "
+        f"{cfg.customer_sync_within_s:g}s to take it (update_customer)",
+        [{"field": "action", "value": "resend_update_customer",
+          "label": "send billing the CRM's customer record again", "score": 0.7}],
+        amount=amount if unpaid else None, currency=unpaid[0].get("currency") if unpaid else None)]
+
+
+def _differing(cust: dict[str, Any], inv: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(CRM field, the CRM's value, billing's value) for each field the invoice carries and the CRM disagrees on."""
+    return [(crm, cust.get(crm), inv[billing]) for crm, billing in BILLED_TO
+            if inv.get(billing) is not None and not _same(crm, cust.get(crm), inv[billing])]
+
+
+def _same(field: str, crm: Any, billing: Any) -> bool:
+    """Whether two systems' values of a master-data field agree; an address agrees when one contains the other.
+
+    Billing renders a structured address on one line (street, city, postal code, country) where a CRM often
+    keeps the street alone: more detail is not a different address.
+    """
+    a, b = _plain(crm), _plain(billing)
+    if field == "billing_address" and a and b:
+        return a in b or b in a
+    return a == b
+
+
+def _plain(value: Any) -> str | None:
+    """A master-data value as compared across systems: case and runs of spaces do not count."""
+    return None if value is None else " ".join(str(value).split()).casefold()
+
+
 def overdue(st: dict[str, Any], now: int) -> dict[str, int]:
     """Invoice id -> cents still due, for every issued invoice past its due date and not paid."""
     out = {}
@@ -179,6 +242,10 @@ def next_due(st: dict[str, Any], cfg: FlowConfig, now: int) -> int | None:
             if inv.get("due_at") and inv.get("status") not in ("paid", "void"):
                 times.append(int(inv["due_at"]))
             times.append(int((inv.get("occurred_at") or 0) + grace))
+    cust = st.get("customer") or {}
+    if cust and not cust.get("deleted") and any(inv.get(b) is not None for inv in st["invoices"].values()
+                                                for _, b in BILLED_TO):  # only billing's invoices show its record
+        times.append(int((cust.get("occurred_at") or 0) + cfg.customer_sync_within_s * 1000))
     later = [t for t in times if t > now]
     return min(later) if later else None
 

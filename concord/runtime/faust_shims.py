@@ -16,6 +16,7 @@ from typing import Any
 
 from aiokafka.partitioner import murmur2
 from faust.streams import _current_event
+from faust.tables.recovery import Recovery
 from faust.transport import consumer as faust_consumer
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TP
@@ -35,13 +36,17 @@ def installed_versions() -> dict[str, str]:
     return {name: version(name) for name in TESTED}
 
 
-def apply(app: Any, *, ledger: OffsetLedger, fetch_max_wait_ms: int) -> None:
-    """Make ``app`` commit only what ``ledger`` says was decided, and fetch with Concord's wait."""
+def apply(app: Any, *, ledger: OffsetLedger, fetch_max_wait_ms: int, bootstrap: str | None = None) -> None:
+    """Make ``app`` commit only what ``ledger`` says was decided, and fetch with Concord's wait.
+
+    ``bootstrap``: where the table recovery reads each changelog's real end (see ``_build_highwaters``).
+    """
     found = installed_versions()
     if found != TESTED:
         raise ConfigError(f"the faust shims are tested on {TESTED}, not {found}: pin those versions")
     app.concord_ledger = ledger
     app.concord_fetch_max_wait_ms = fetch_max_wait_ms
+    app.concord_bootstrap = bootstrap
     _install()
 
 
@@ -56,11 +61,34 @@ def _install() -> None:
     _ORIGINAL["pending_acks"] = transport._filter_tps_with_pending_acks
     _ORIGINAL["seek_to_committed"] = faust_consumer.ThreadDelegateConsumer.seek_to_committed
     _ORIGINAL["wait_first"] = faust_aiokafka.Consumer.wait_first
+    _ORIGINAL["build_highwaters"] = Recovery._build_highwaters
+    Recovery._build_highwaters = _build_highwaters
     consumer_thread._create_worker_consumer = _create_worker_consumer
     transport._new_offset = _new_offset
     transport._filter_tps_with_pending_acks = _filter_tps_with_pending_acks
     faust_consumer.ThreadDelegateConsumer.seek_to_committed = _seek_to_committed
     faust_aiokafka.Consumer.wait_first = _wait_first_stepping
+
+
+async def _build_highwaters(self: Any, consumer: Any, tps: Any, destination: Any, title: str) -> None:
+    """Recover each table to its changelog's last record, not to where the broker says the log ends.
+
+    The embedded broker answers a partition's end as its last batch's base offset + 1; faust stops recovering a
+    table there, so the later records of that batch (a batch holds every key one stage batch touched) were lost
+    from the table on a restart while the input offsets that made them stayed committed.
+    """
+    await _ORIGINAL["build_highwaters"](self, consumer, tps, destination, title)
+    bootstrap = getattr(self.app, "concord_bootstrap", None)
+    if not bootstrap or not destination:
+        return
+    from concord.runtime.broker import read_ends
+
+    asked = {(tp.topic, tp.partition): last + 1 for tp, last in destination.items() if last is not None}
+    ends = await asyncio.get_running_loop().run_in_executor(None, read_ends, bootstrap, asked)
+    for tp in list(destination):
+        end = ends.get((tp.topic, tp.partition))
+        if end is not None and end - 1 > destination[tp]:
+            destination[tp] = end - 1
 
 
 def _ledger(consumer: Any) -> OffsetLedger | None:

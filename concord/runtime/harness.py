@@ -44,6 +44,7 @@ class InProcess:
         self.loop = Reconciler(self.pipeline, self.cfg, budget, check_delay_ms, index=self.deadlines)
         self.out: list[Out] = []
         self.offsets: dict[tuple[str, int], int] = {}  # (topic, partition) -> last offset fed
+        self.accepted: list[Record] = []  # what stage two was given, to give it again (a restart)
 
     def feed(self, topic: str, key: bytes | None, value: bytes | None, partition: int = 0,
              headers: dict[str, bytes] | None = None) -> Record:
@@ -90,7 +91,14 @@ class InProcess:
             self.out.append(o)
             if o.topic == topics.ACCEPTED.name or o.topic in _EXCEPTION_QUEUES:
                 rec = Record(o.topic, 0, self._next_offset(o.topic, 0), o.key, o.value, dict(o.headers))
+                if o.topic == topics.ACCEPTED.name:
+                    self.accepted.append(rec)
                 self._run(self._stage(rec))
+
+    def redeliver_accepted(self, from_offset: int = 0) -> None:
+        """What a restart does to stage two: accepted.changes read again from ``from_offset``, same coordinates."""
+        for rec in [r for r in self.accepted if r.offset >= from_offset]:
+            self._run(self._stage(rec))
 
     def records(self, where: Callable[[str], bool]) -> list[dict[str, Any]]:
         """Decoded records produced on topics ``where`` accepts, in order."""

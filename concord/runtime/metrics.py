@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 REGISTRY = CollectorRegistry(auto_describe=True)
@@ -34,6 +36,9 @@ RESOLUTION_SECONDS = Histogram(
     "concord_exception_resolution_seconds", "Time from opening an exception to its successful replay (MTTR).",
     ["owner", "reason"], registry=REGISTRY,
     buckets=(1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 24 * 3600, 3 * 24 * 3600, 7 * 24 * 3600))
+EXCEPTION_SLA = Gauge(
+    "concord_exception_sla_seconds", "The SLA routing gives an owner's exceptions of a reason (MTTR is held "
+    "against it).", ["owner", "reason"], registry=REGISTRY)
 SLA_BREACHES = Counter(
     "concord_sla_breaches_total", "Exceptions whose SLA ran out unresolved, by owner and reason.",
     ["owner", "reason"], registry=REGISTRY)
@@ -88,3 +93,11 @@ OVERDUE_INVOICES = Gauge(
 CONFIG_INFO = Gauge(
     "concord_config_info", "The flow and routing configuration this process runs: 1, labelled by its digest.",
     ["digest"], registry=REGISTRY)
+
+
+def publish_slas(routing: Any) -> None:
+    """Export the SLA of every routed (owner, reason): sequence gaps go to each system's data owner."""
+    for reason, route in sorted(routing.reasons.items()):
+        owners = {route.owner} | (set(routing.gap_owner_by_system.values()) if reason == "sequence_gap" else set())
+        for owner in sorted(owners):
+            EXCEPTION_SLA.labels(owner, reason).set(route.sla_seconds)

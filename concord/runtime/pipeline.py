@@ -32,7 +32,7 @@ from concord.contracts.deadletter import (
 from concord.contracts.validate import validate_action, validate_change, validate_control, validate_exception
 from concord.domain import guard
 from concord.domain.ids import command_id, stable_id
-from concord.domain.status import clone
+from concord.domain.status import clone, last_seq
 from concord.exceptions import (
     ConcordError,
     DecodeError,
@@ -310,13 +310,17 @@ class Pipeline:
         validate_change(event, src[0])
         key = rec.key or customer_key(event)
         status = statuses.get(key)
+        ref = f"{event['entity_type']}:{event['entity_id']}"
         blocker = self._blocker(status, event["entity_type"], event["entity_id"])
+        if blocker and event["seq"] <= last_seq(status, event["entity_type"], event["entity_id"]):
+            blocker = None  # delivered again after a restart: it was decided before the exception, decide it so again
         if blocker:  # a later event never overtakes the one an owner is fixing
-            status = clone(status)
-            ref = f"{event['entity_type']}:{event['entity_id']}"
-            status.setdefault("parked", {}).setdefault(ref, []).append([*src, rec.value.hex()])
-            statuses[key] = status
-            metrics.EVENTS.labels(src[0], "parked").inc()
+            queue = (status.get("parked") or {}).get(ref, [])
+            if list(src) not in [entry[:3] for entry in queue]:  # not when a restart delivers a parked one again
+                status = clone(status)
+                status.setdefault("parked", {}).setdefault(ref, []).append([*src, rec.value.hex()])
+                statuses[key] = status
+                metrics.EVENTS.labels(src[0], "parked").inc()
             return [self.decision(*src, event, "parked", f"behind open exception {blocker}")]
         outcome = self._decide(status, event, self.clock())
         statuses[key] = outcome.status

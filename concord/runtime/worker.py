@@ -84,7 +84,8 @@ def build_app(settings: Settings, pipeline: Pipeline | None = None) -> faust.App
         recovery_consistency_check=False,
     )
     ledger = OffsetLedger()
-    faust_shims.apply(app, ledger=ledger, fetch_max_wait_ms=settings.fetch_max_wait_ms)
+    faust_shims.apply(app, ledger=ledger, fetch_max_wait_ms=settings.fetch_max_wait_ms,
+                      bootstrap=settings.bootstrap_servers)
     app.pipeline = pipeline  # type: ignore[attr-defined]
     raw = {"key_serializer": "raw", "value_serializer": "raw"}
     changes = app.topic(*(t.name for t in topics.CHANGES), topics.GUARD_CONTROLS.name, **raw)
@@ -335,8 +336,10 @@ def build_app(settings: Settings, pipeline: Pipeline | None = None) -> faust.App
         return web.bytes(generate_latest(metrics.REGISTRY), content_type=CONTENT_TYPE_LATEST.split(";")[0])
 
     from concord.domain.governance import running_digest
+    from concord.domain.routing import load_routing
 
     metrics.CONFIG_INFO.labels(running_digest()).set(1)
+    metrics.publish_slas(load_routing())
 
     @app.page("/healthz")
     async def healthz(web: Any, request: Any) -> Any:

@@ -20,7 +20,7 @@ from typing import Any
 from concord.contracts.topics import OWNERS
 from concord.exceptions import ConcordError
 from concord.owners.cli import call_api
-from concord.runtime.broker import ensure_topics, free_port, open_broker
+from concord.runtime.broker import die_with_parent, ensure_topics, free_port, open_broker, read_ends
 
 # Reasons the demo's owners fix by taking Concord's first suggestion (or, for a gap, releasing it).
 FIXABLE = ("missing_billing_account", "unmapped_sku", "sequence_gap")
@@ -41,7 +41,7 @@ def worker_process(bootstrap: str, web_port: int, app_id: str, log_path: Path,
         proc = subprocess.Popen(
             [sys.executable, "-m", "concord.tools.cli", "run", "--web-port", str(web_port), "--app-id", app_id,
              "--log-level", "warning"],
-            env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+            env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=die_with_parent)
         try:
             wait_for_http(f"http://127.0.0.1:{web_port}/healthz", proc, timeout=60)
             yield proc
@@ -79,9 +79,19 @@ def wait_for_http(url: str, proc: subprocess.Popen | None = None, timeout: float
 
 def run_demo(args: argparse.Namespace) -> int:
     """Run the whole demo; returns 0 when every published record is accounted for."""
-    from concord.tools.report import collect, end_offsets, render, watched_topics
+    from concord.contracts import topics
+    from concord.tools.native import DEFAULT_STACK, STACKS
+    from concord.tools.report import collect, end_offsets, render, start_group_at_end, watched_topics
     from concord.tools.simulator import LOSSES, Simulator
 
+    if args.stack and not args.native:
+        print("concord demo: error: --stack needs --native (the stacks are the vendors' own formats)", file=sys.stderr)
+        return 2
+    if args.stack and args.stack not in STACKS:
+        print(f"concord demo: error: unknown stack {args.stack!r}; valid stacks: {', '.join(STACKS)}",
+              file=sys.stderr)
+        return 2
+    stack = args.stack or DEFAULT_STACK
     started = time.monotonic()
     state_dir = Path(args.state_dir)
     with open_broker() as broker:
@@ -97,26 +107,40 @@ def run_demo(args: argparse.Namespace) -> int:
                "CONCORD_OWNER_TOKENS": ",".join(f"{t}={k}" for t, k in tokens.items()),
                "CONCORD_DATA_DIR": str(state_dir / "state"),
                "CONCORD_CANARY_INTERVAL_S": "0"}  # the report is about the simulated business alone
+        # this run's records only: on a shared broker a new group would otherwise replay every earlier run's
+        start_group_at_end(broker.bootstrap_servers, app_id, list(topics.WORKER_INPUTS))
         with worker_process(broker.bootstrap_servers, port, app_id, state_dir / "worker.log", env):
             say(f"worker up (metrics on http://127.0.0.1:{port}/metrics, log {state_dir / 'worker.log'})")
             sim = Simulator(customers=args.customers, days=args.days, seed=args.seed, faults=LOSSES)
             sim.history()  # fills sim.injected: the losses the target systems will show
-            loop = TargetSystems(broker.bootstrap_servers, state_dir, app_id, sim, args.confirm_within)
-            connector = None
-            if args.native:  # the vendors' formats, through the real inbound connectors
-                from concord.tools.native import NativeFeed, ingest
+            feed = None
+            if args.native:
+                from concord.tools.native import NativeFeed
 
-                native = NativeFeed(sim).records()
-                say(f"simulating {args.customers} customers over {args.days} days: {len(native)} native records "
-                    "(Salesforce CDC, Debezium jobs, Stripe events)")
-                since = end_offsets(broker.bootstrap_servers, watched_topics(native=True))
-                connector = ingest(broker.bootstrap_servers, native, progress=_progress("through the connectors"))
+                feed = NativeFeed(sim, stack)
+                native = feed.records()  # fills feed.canonical: native ids -> the simulator's
+            loop = TargetSystems(broker.bootstrap_servers, state_dir, app_id, sim, args.confirm_within,
+                                 canonical=feed.to_canonical if feed else None)
+            connector = None
+            if feed is not None:  # the vendors' formats, through the real inbound connectors and the fetcher
+                from concord.tools.native import VendorFakes, ingest
+
+                s = feed.stack
+                say(f"simulating {args.customers} customers over {args.days} days as {stack}: {len(native)} native "
+                    f"records ({s.crm}, {s.dispatch}, Stripe API {s.stripe_version})")
+                # the real ends (the embedded broker reports its last batch's start): not an earlier run's records
+                since = read_ends(broker.bootstrap_servers, end_offsets(broker.bootstrap_servers,
+                                                                       watched_topics(native=True)))
+                with VendorFakes(feed.stack, state_dir / f"fakes-{app_id}") as vendors:
+                    say(f"loopback vendor APIs serve the fetches: {', '.join(vendors.readers)}")
+                    connector = ingest(broker.bootstrap_servers, native, progress=_progress("through the connectors"),
+                                       vendors=vendors)
                 published = connector.published
                 sample = _sample_customer(published)
             else:
                 records = list(sim.records())
                 say(f"simulating {args.customers} customers over {args.days} days: {len(records)} records")
-                since = end_offsets(broker.bootstrap_servers, watched_topics())
+                since = read_ends(broker.bootstrap_servers, end_offsets(broker.bootstrap_servers, watched_topics()))
                 published = sim.publish(broker.bootstrap_servers, records, progress=_progress("published"))
                 sample = _sample_customer(records)
             try:
@@ -133,6 +157,7 @@ def run_demo(args: argparse.Namespace) -> int:
             finally:
                 loop.stop()
             report.injected = loop.injected()
+            report.faulted_flows = {j: k for k in ("unbilled_job", "late_invoice") for j in sim.injected[k]}
             report.on_time_invoicing = _on_time(port)
             if sample:
                 status = _status_of(port, sample)
@@ -162,7 +187,8 @@ def demo_flows(state_dir: Path, confirm_within: float) -> Path:
 class TargetSystems:
     """The sandbox adapter as the target systems, losing what the simulator injects, echoing the CRM's feed."""
 
-    def __init__(self, bootstrap: str, state_dir: Path, app_id: str, sim: Any, confirm_within: float) -> None:
+    def __init__(self, bootstrap: str, state_dir: Path, app_id: str, sim: Any, confirm_within: float,
+                 canonical: Any = None) -> None:
         from concord.contracts.topics import TARGET_SYSTEMS
         from concord.domain.flow_config import load_flow_config
         from concord.tools.simulator import Echoes, LossyTarget
@@ -186,7 +212,7 @@ class TargetSystems:
 
         def run() -> None:
             self.target = LossyTarget(self.db, self.echoes, set(sim.injected["lost_invoice"]), seed=sim.seed,
-                                      late_s=confirm_within * 1.5 + 2)
+                                      late_s=confirm_within * 1.5 + 2, canonical=canonical)
             self.adapter = Adapter(bootstrap, self.target, list(TARGET_SYSTEMS), group=f"{app_id}-adapters",
                                    log=self.log)
             made.set()
@@ -254,7 +280,7 @@ def serve(bootstrap: str, port: int, tokens: dict[str, str], state_dir: Path) ->
         adapters = subprocess.Popen(
             [sys.executable, "-m", "concord.tools.cli", "adapters", "--target", "sandbox", "--db",
              str(state_dir / "sandbox.db")], env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True)
+            preexec_fn=die_with_parent)
     try:
         width = max(len(t) for t in tokens)
         lines = [f"serving: the owners' inbox is at http://127.0.0.1:{port}/inbox (reconciliation "
@@ -359,6 +385,11 @@ def register(sub: Any) -> None:
                    help="the simulator speaks the vendors' formats (Salesforce Change Data Capture, Debezium, Stripe "
                    "events), fed through the inbound connectors as `concord ingest` does; the report accounts for "
                    "every native record at the connector and every canonical event it published at the worker")
+    p.add_argument("--stack", default=None, metavar="NAME",
+                   help="with --native: which vendors play CRM, dispatch and billing: salesforce-debezium-stripe "
+                   "(default), salesforce-jobber-stripe (Stripe's current API version, thin events, id-only Jobber "
+                   "webhooks) or hubspot-debezium-stripe (a 2024 Stripe API version); notifications without "
+                   "their record are fetched from loopback fakes of the vendors' APIs")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--serve", action="store_true",
                    help="after the report, keep the broker and worker running, start the sandbox adapters and print "

@@ -13,9 +13,14 @@ from confluent_kafka import Consumer, TopicPartition
 
 from concord.contracts import topics
 from concord.contracts.codec import Codec
+from concord.domain.flow_config import load_flow_config
 from concord.domain.ids import stable_id
+from concord.domain.status import ISSUED_INVOICE
+from concord.exceptions import DecodeError
 from concord.tools.simulator import Published
 
+# The changes topics completed work and its invoices are read back from (on-time invoicing).
+WORK_TOPICS = (topics.changes_topic("dispatch", "job"), topics.changes_topic("billing", "invoice"))
 # Outcomes in the order the report lists them.
 OUTCOMES = ("applied", "exception", "duplicate", "stale", "parked", "dead_lettered")
 
@@ -45,6 +50,11 @@ class Report:
     confirmed: set[str] = field(default_factory=set)  # command ids an audit decision says the target confirmed
     injected: dict[str, list[str]] = field(default_factory=dict)  # losses put in: kind -> command, job or invoice ids
     on_time_invoicing: float | None = None  # the worker's concord_invoices_total, on time / all (not on the broker)
+    # Completed work and its invoices as read back from changes.dispatch.job and changes.billing.invoice:
+    # job id -> completed_at, first issued_at of an invoice for it, and the faults its records were published with.
+    work: dict[str, dict[str, Any]] = field(default_factory=dict)
+    faulted_flows: dict[str, str] = field(default_factory=dict)  # job id -> the flow fault the simulator put in
+    on_time_hours: float | None = None  # the policy the figures are held against (flows.yaml on_time_invoice_hours)
 
     @property
     def unaccounted(self) -> int:
@@ -56,24 +66,66 @@ class Report:
         return len(self.missing) + len(self.connector_missing)
 
     def by_owner(self) -> dict[str, dict[str, Any]]:
-        """Per owner: opened, resolved automatically, resolved by the owner and replayed, escalated, open, MTTR."""
+        """Per owner: opened, resolved automatically or by the owner, escalated, open; MTTR against the SLA.
+
+        ``sla_s`` is the mean SLA of the exceptions the owner resolved (each one's own, from its record), as
+        ``concord:kpi_sla_seconds_by_owner:24h`` weights it; ``within_sla`` whether the MTTR is at most that, and
+        ``resolved_within_sla`` the share resolved before their own deadline.
+        """
         out: dict[str, dict[str, Any]] = {}
         for life in self.lives.values():
             row = out.setdefault(life["owner"], {"opened": 0, "resolved_automatically": 0, "resolved_by_owner": 0,
-                                                 "discarded": 0, "escalated": 0, "open": 0, "_seconds": []})
+                                                 "discarded": 0, "escalated": 0, "open": 0, "_seconds": [],
+                                                 "_slas": [], "_in_time": 0})
             row["opened"] += 1
             row["escalated"] += life["escalated"]
             if life["state"] == "resolved":
                 row["resolved_automatically" if life["by"] == "concord" else "resolved_by_owner"] += 1
                 row["_seconds"].append((life["closed_at"] - life["opened_at"]) / 1000)
+                if life.get("sla_deadline") is not None:
+                    row["_slas"].append((life["sla_deadline"] - life["opened_at"]) / 1000)
+                    row["_in_time"] += life["closed_at"] <= life["sla_deadline"]
             elif life["state"] == "discarded":
                 row["discarded"] += 1
             else:
                 row["open"] += 1
         for row in out.values():
-            secs = row.pop("_seconds")
+            secs, slas, in_time = row.pop("_seconds"), row.pop("_slas"), row.pop("_in_time")
             row["mttr_s"] = round(sum(secs) / len(secs), 1) if secs else None
+            row["sla_s"] = round(sum(slas) / len(slas), 1) if slas else None
+            row["within_sla"] = None if row["mttr_s"] is None or row["sla_s"] is None else row["mttr_s"] <= row["sla_s"]
+            row["resolved_within_sla"] = round(in_time / len(slas), 3) if slas else None
         return dict(sorted(out.items()))
+
+    def invoicing(self) -> dict[str, Any]:
+        """On-time invoicing of completed work, counted from the job and invoice records read back.
+
+        Clean flows are completed jobs the simulator put no fault into: none of their job or invoice records was
+        published duplicated, reordered, behind a gap or replaced, and the flow was not made late or unbilled.
+        A clean job with no invoice counts as not on time.
+        """
+        if self.on_time_hours is None:
+            return {"clean_flows": 0, "on_time": 0, "ratio": None, "left_out": {}, "late_clean": [],
+                    "all_flows_ratio": None}
+        limit = self.on_time_hours * 3_600_000
+        done = {j: w for j, w in sorted(self.work.items()) if w.get("completed_at") is not None}
+        left_out: Counter = Counter()
+        clean = []
+        for job_id, w in done.items():
+            why = self.faulted_flows.get(job_id) or (sorted(w["faults"])[0] if w["faults"] else None)
+            if why:
+                left_out[why] += 1
+            else:
+                clean.append(job_id)
+        def in_time(j: str) -> bool:
+            return done[j].get("issued_at") is not None and done[j]["issued_at"] - done[j]["completed_at"] <= limit
+
+        on_time = [j for j in clean if in_time(j)]
+        invoiced = [j for j in done if done[j].get("issued_at") is not None]  # what the worker's counter judges
+        return {"clean_flows": len(clean), "on_time": len(on_time),
+                "all_flows_ratio": round(sum(map(in_time, invoiced)) / len(invoiced), 3) if invoiced else None,
+                "ratio": round(len(on_time) / len(clean), 3) if clean else None, "left_out": dict(sorted(
+                    left_out.items())), "late_clean": sorted(set(clean) - set(on_time))[:20]}
 
     def loss_found(self, kind: str, ref: str) -> bool:
         """Whether an injected loss of ``kind`` (a command, invoice or job id) was raised as an exception."""
@@ -98,12 +150,16 @@ class Report:
     def unbilled(self) -> dict[str, Any]:
         """Injected unbilled jobs found, and the money open unbilled_work exceptions hold, by currency."""
         jobs = self.injected.get("unbilled_job", [])
-        return {"injected": len(jobs), "found": sum(self.loss_found("unbilled_job", j) for j in jobs),
+        missed = [j for j in jobs if not self.loss_found("unbilled_job", j)]
+        return {"injected": len(jobs), "found": len(jobs) - len(missed),
+                # why each was not: no record read back says the job was completed (its source lost that event)
+                "missed": {j: "completed, yet no unbilled_work was raised" if self.work.get(j, {}).get("completed_at")
+                           else "no record of its completion came out of the broker" for j in missed},
                 "amount_cents": self._open_money("unbilled_work"),
                 "raised": sum(life["reason"] == "unbilled_work" for life in self.lives.values())}
 
     def kpi(self) -> dict[str, Any]:
-        """The seed KPIs, counted from the exception records read back (on-time invoicing: the worker's counter)."""
+        """The seed KPIs, counted from the records read back (on all flows, on-time invoicing is the worker's count)."""
         lives = list(self.lives.values())
         closed = [(life["closed_at"] - life["opened_at"]) / 1000 for life in lives if life["state"] == "resolved"]
         by_people = sum(1 for life in lives if life["state"] == "discarded" or (
@@ -111,7 +167,7 @@ class Report:
         replayed = [e for e in self.owner_resolved if self.lives.get(e, {}).get("state") == "resolved"]
         return {"exception_rate_per_1k": round(1000 * len(lives) / self.published, 1) if self.published else None,
                 "mttr_s": round(sum(closed) / len(closed), 1) if closed else None, "manual_handoffs": by_people,
-                "on_time_invoicing": self.on_time_invoicing,
+                "on_time_invoicing": self.invoicing()["ratio"], "on_time_invoicing_all_flows": self.on_time_invoicing,
                 "replay_success": round(len(replayed) / len(self.owner_resolved), 3) if self.owner_resolved else None,
                 "revenue_at_risk_cents": self._open_money(None)}
 
@@ -129,7 +185,7 @@ class Report:
         """The report as JSON-ready data."""
         return {
             "summary": loop_lines(self), "closed_loop": self.closed_loop(), "unbilled_work": self.unbilled(),
-            "kpi": self.kpi(),
+            "kpi": self.kpi(), "on_time_invoicing": self.invoicing(),
             "published": self.published, "outcomes": dict(self.outcomes), "unaccounted": self.unaccounted,
             "released_after_park": self.released_after_park,
             "by_fault": {k: dict(v) for k, v in sorted(self.by_fault.items())},
@@ -158,17 +214,12 @@ def end_offsets(bootstrap: str, names: Iterable[str]) -> dict[tuple[str, int], i
 
 def start_group_at_end(bootstrap: str, group: str, names: list[str]) -> None:
     """Commit ``group``'s offsets at today's real end of ``names`` (past the embedded broker's early end)."""
-    ends = end_offsets(bootstrap, names)
-    c = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False,
-                  "fetch.wait.max.ms": 50})
+    from concord.runtime.broker import read_ends
+
+    ends = read_ends(bootstrap, end_offsets(bootstrap, names), quiet_s=0.5)
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False})
     try:
         c.assign([TopicPartition(t, p, o) for (t, p), o in ends.items()])
-        quiet_until = time.monotonic() + 0.5
-        while time.monotonic() < quiet_until:
-            m = c.poll(0.05)
-            if m is not None and not m.error():
-                ends[(m.topic(), m.partition())] = max(ends[(m.topic(), m.partition())], m.offset() + 1)
-                quiet_until = time.monotonic() + 0.5
         c.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in ends.items()], asynchronous=False)
     finally:
         c.close()
@@ -177,7 +228,7 @@ def start_group_at_end(bootstrap: str, group: str, names: list[str]) -> None:
 def watched_topics(native: bool = False) -> list[str]:
     """The topics the report reads: decisions, commands, exceptions and dead letters (and the connectors')."""
     return [topics.AUDIT.name, topics.COMMAND_OUTCOMES.name, *(t.name for t in topics.COMMANDS),
-            *(t.name for t in topics.EXCEPTIONS),
+            *(t.name for t in topics.EXCEPTIONS), *WORK_TOPICS,
             *(t.name for t in topics.DEADLETTERS), *(t.name for t in topics.INGEST_DEADLETTERS if native)]
 
 
@@ -196,7 +247,10 @@ def collect(bootstrap: str, published: list[Published], since: dict[tuple[str, i
     started = time.monotonic()
     codec = Codec()
     fates: dict[tuple[str, int, int], list[str]] = {(p.topic, p.partition, p.offset): [] for p in published}
-    report = Report(published=len(published))
+    # where each published record landed -> its fault (keyed as the consumer's messages say where they are)
+    faults: dict[tuple[str, int | None, int | None], str | None] = {
+        (p.topic, p.partition, p.offset): p.fault for p in published}
+    report = Report(published=len(published), on_time_hours=load_flow_config().on_time_invoice_hours)
     seen_commands: set[str] = set()
     c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"concord-report-{uuid.uuid4().hex[:8]}",
                   "enable.auto.commit": False, "fetch.wait.max.ms": 100})
@@ -211,8 +265,11 @@ def collect(bootstrap: str, published: list[Published], since: dict[tuple[str, i
             for m in batch:
                 if m.error():
                     continue
-                _, rec = codec.decode(m.value())
                 topic = m.topic()
+                if topic in WORK_TOPICS:
+                    _work(report.work, codec, m, faults.get((topic, m.partition(), m.offset())))
+                    continue
+                _, rec = codec.decode(m.value())
                 if topic == topics.COMMAND_OUTCOMES.name and "command_id" not in rec:
                     continue  # the timer's ticks share the topic: neither news nor an outcome
                 last_new = time.monotonic()
@@ -271,6 +328,29 @@ def collect(bootstrap: str, published: list[Published], since: dict[tuple[str, i
     return report
 
 
+def _work(work: dict[str, dict[str, Any]], codec: Codec, m: Any, fault: str | None) -> None:
+    """Fold one job or invoice record read back into the completed work it belongs to (as the status applies it)."""
+    try:
+        _, event = codec.decode(m.value())
+    except DecodeError:
+        return  # bad bytes: the decision read back counts it (dead_lettered)
+    payload = event.get("payload")
+    if not isinstance(payload, dict) or event.get("entity_type") not in ("job", "invoice"):
+        return
+    job_id = event["entity_id"] if event["entity_type"] == "job" else payload.get("job_id")
+    if not job_id:
+        return  # an invoice for a deal, not for work done
+    w = work.setdefault(job_id, {"completed_at": None, "issued_at": None, "faults": set()})
+    if fault:
+        w["faults"].add(fault)
+    if event["entity_type"] == "job":
+        done = payload.get("completed_at") or (event["occurred_at"] if payload.get("status") == "completed" else None)
+        w["completed_at"] = w["completed_at"] or done
+    elif payload.get("status") in ISSUED_INVOICE or payload.get("issued_at"):
+        issued = payload.get("issued_at") or event["occurred_at"]
+        w["issued_at"] = issued if w["issued_at"] is None else min(w["issued_at"], issued)
+
+
 def _follow(lives: dict[str, dict[str, Any]], rec: dict[str, Any]) -> None:
     """Fold one exception record into the life of its exception (owner, escalations, how it closed).
 
@@ -285,6 +365,8 @@ def _follow(lives: dict[str, dict[str, Any]], rec: dict[str, Any]) -> None:
                                              "closed_at": None, "updated_at": 0, "entity_id": rec["entity_id"]}
     if rec.get("amount_at_risk_cents") is not None:
         life["amount"], life["currency"] = rec["amount_at_risk_cents"], rec.get("currency")
+    if rec["state"] != "escalated" and rec.get("sla_deadline") is not None:
+        life["sla_deadline"] = rec["sla_deadline"]  # the owner's own deadline, not the backup's
     if rec["opened_at"] < life["opened_at"]:
         return  # an earlier life of the same id, closed before it was raised again
     if rec["state"] == "escalated":
@@ -322,12 +404,13 @@ def render(r: Report) -> str:
     lines += [f"  {o:<14} {reason:<26} {r.exceptions_opened.get((o, reason), 0):>5} / "
               f"{r.exceptions_resolved.get((o, reason), 0)}" for o, reason in keys] or ["  (none)"]
     lines += ["", "exceptions per owner: opened, resolved automatically, resolved by the owner (and replayed), "
-              "escalated, still open, MTTR:"]
+              "escalated, still open, MTTR against the SLA of what was resolved:"]
     for owner, row in r.by_owner().items():
         mttr = f"{row['mttr_s']:.1f}s" if row["mttr_s"] is not None else "-"
+        sla = f"{row['sla_s']:.1f}s" if row["sla_s"] is not None else "-"
         lines.append(f"  {owner:<14} opened {row['opened']:>4}  auto {row['resolved_automatically']:>4}  "
                      f"by owner {row['resolved_by_owner']:>3}  escalated {row['escalated']:>3}  "
-                     f"open {row['open']:>4}  MTTR {mttr}")
+                     f"open {row['open']:>4}  MTTR {mttr} / SLA {sla}")
     lines += ["", "dead letters by stage: " + (", ".join(f"{k} {v}" for k, v in sorted(r.dead_letters.items()))
                                                or "none")]
     lines += ["", *loop_lines(r)]
@@ -353,7 +436,18 @@ def loop_lines(r: Report) -> list[str]:
              f"kpi: exception_rate_per_1k={_fig(kpi['exception_rate_per_1k'], 1)} mttr_s={_fig(kpi['mttr_s'], 1)} "
              f"manual_handoffs={kpi['manual_handoffs']} on_time_invoicing={_fig(kpi['on_time_invoicing'])} "
              f"replay_success={_fig(kpi['replay_success'])} revenue_at_risk={_usd(kpi['revenue_at_risk_cents'])}"]
+    inv = r.invoicing()
+    left = ", ".join(f"{k} {n}" for k, n in inv["left_out"].items()) or "none"
+    lines.append(f"on-time invoicing: clean_flows={inv['clean_flows']} on_time={inv['on_time']} "
+                 f"ratio={_fig(inv['ratio'])} (faulted flows left out: {left}; all invoiced flows: "
+                 f"{_fig(inv['all_flows_ratio'])} read back, {_fig(r.on_time_invoicing)} as the worker counted)")
+    owners = [f"{o} mttr_s={_fig(row['mttr_s'], 1)} sla_s={_fig(row['sla_s'], 1)} within="
+              + ("n/a" if row["within_sla"] is None else "yes" if row["within_sla"] else "no")
+              for o, row in r.by_owner().items() if row["mttr_s"] is not None]
+    lines.append("mttr against sla: " + ("; ".join(owners) or "nothing resolved"))
     lines += [f"  missed: {m}" for m in loop["missed"]]
+    lines += [f"  unbilled job not found: {j} ({why})" for j, why in unbilled["missed"].items()]
+    lines += [f"  late clean flow: {j}" for j in inv["late_clean"]]
     return lines
 
 
@@ -367,8 +461,9 @@ def _render_connector(r: Report) -> list[str]:
     notes = {"published": f"-> {len(ing.published)} canonical events, counted below",
              "duplicate": "dropped by the connector's dedupe",
              "rejected": "dead-lettered with the original bytes", "gap": "no field data: dead-lettered as gap",
+             "fetched": "a gap notice the fetcher answered with the record from the vendor's API",
              "skipped": "tombstones and the like"}
-    for o in ("published", "duplicate", "rejected", "gap", "skipped"):
+    for o in ("published", "fetched", "duplicate", "rejected", "gap", "skipped"):
         lines.append(f"  {o:<13} {ing.outcomes.get(o, 0):>6}  ({notes[o]})")
     lines.append(f"  {'unaccounted':<13} {len(r.connector_missing):>6}")
     lines += ["", "native faults and what the connectors did with them:"]

@@ -89,15 +89,15 @@ def business(rng: random.Random, customers: int, days: int, start: int, prefix: 
     """A valid history of canonical events, sorted by when they happened.
 
     ``injected`` (when given) receives the ids of the losses put in: deals whose invoice billing lost, jobs
-    nobody invoiced, invoices billed with another amount.
+    nobody invoiced, invoices billed with another amount, jobs billing invoiced late.
     """
     rates = {**DEFAULT_FAULTS, **(faults or {})}
     # The losses draw from their own stream, so the rest of a seed's history stays what it always was.
     # Seeded from the main stream's state without drawing from it (int and tuple hashes are not salted), so the
     # same seed loses the same things whatever the prefix.
-    lossy = random.Random(hash(rng.getstate()))
+    lossy = random.Random(hash(rng.getstate()[:2]))  # not the tuple's None: its hash is its address before 3.12
     losses = injected if injected is not None else {}
-    for kind in ("lost_invoice", "unbilled_job", "amount_changed"):
+    for kind in ("lost_invoice", "unbilled_job", "amount_changed", "late_invoice"):
         losses.setdefault(kind, [])
     seq = _Seq()
     out: list[dict[str, Any]] = []
@@ -171,8 +171,10 @@ def _work(emit: Callable[..., None], rng: random.Random, job_id: str, deal_id: s
             losses["unbilled_job"].append(job_id)
         return  # the work was done and nobody invoices it
     inv_id = f"{prefix}inv-{job_id.removeprefix(prefix).removeprefix('job-')}"
-    issued = _bill(emit, rng, inv_id, lines, cid, done, job_id=job_id, prefix=prefix,
-                   late=rng.random() < 0.1, cancel=rng.random() < 0.05)
+    late, cancel = rng.random() < 0.1, rng.random() < 0.05  # drawn in the order they always were
+    if late and losses is not None:
+        losses["late_invoice"].append(job_id)  # billing invoices the job after on_time_invoice_hours
+    issued = _bill(emit, rng, inv_id, lines, cid, done, job_id=job_id, prefix=prefix, late=late, cancel=cancel)
     if issued is not None and issued < 0:  # cancelled after invoicing: dispatch cancels, billing voids
         emit("job", job_id, ev.job("cancelled", lines, deal_id=deal_id, scheduled_for=when, completed_at=done), cid,
              -issued + HOUR)
@@ -186,7 +188,7 @@ def _bill(emit: Callable[..., None], rng: random.Random, inv_id: str, lines: lis
     issued = t + rng.randrange(10 * 60_000, (72 if late else 20) * HOUR)
     if late:
         issued = max(issued, t + 50 * HOUR)
-    inv = {"deal_id": deal_id, "job_id": job_id, "issued_at": issued, "due_at": issued + 30 * DAY}
+    inv: dict[str, Any] = {"deal_id": deal_id, "job_id": job_id, "issued_at": issued, "due_at": issued + 30 * DAY}
     if changed:  # billing applied the command with another amount than it was asked for
         inv["amount_due_cents"] = ev.total(lines) + max(5_000, ev.total(lines) // 10)
     emit("invoice", inv_id, ev.invoice("draft", lines, **{**inv, "issued_at": None}), cid, issued - 10 * 60_000)
@@ -355,11 +357,13 @@ class LossyTarget:
     name = "sandbox"
 
     def __init__(self, db: Any, echoes: Echoes, lost_deals: set[str], seed: int = 7, late_s: float = 12.0,
-                 rates: dict[str, float] | None = None) -> None:
+                 rates: dict[str, float] | None = None, canonical: Callable[[str], str] | None = None) -> None:
         from connectors.outbound.sandbox import SandboxTarget
 
         self.rates = {**CRM_FAULTS, **(rates or {})}
         self.seed, self.late_s, self.echoes, self.lost_deals = seed, late_s, echoes, lost_deals
+        # native feeds: a native deal / invoice id -> the simulator's, so the same losses fall on the same records
+        self.canonical = canonical or (lambda native: native)
         self.inner = SandboxTarget(db, echo=self._echo, echo_systems=("crm",))
         self.types = self.inner.types
         self.dropped: list[str] = []  # command ids reported applied and never carried out
@@ -369,14 +373,20 @@ class LossyTarget:
         """Apply ``cmd`` as the simulated target would (see the class docstring)."""
         from connectors.outbound.base import APPLIED, Result
 
-        if cmd.type == "create_invoice" and cmd.entity_type == "deal" and cmd.entity_id in self.lost_deals:
+        if cmd.type == "create_invoice" and cmd.entity_type == "deal" and self.canonical(cmd.entity_id) in \
+                self.lost_deals:
             self.dropped.append(cmd.command_id)
             return Result(APPLIED, f"inv_{cmd.command_id[:24]}")  # it says so, and never does it
         if cmd.type == "void_invoice":  # billing's own feed (the history) voids it; the sandbox holds no invoices
             return Result(APPLIED, str(cmd.payload["invoice_id"]))
         if cmd.type == "update_deal_billing_status" and cmd.payload.get("billing_status") == "paid":
             # only the last update a deal gets: a later one would mask the loss of an earlier one
-            draw = random.Random(f"{self.seed}:{cmd.command_id}").random()
+            from concord.domain.ids import command_id
+
+            inv = str(cmd.payload.get("invoice_id"))
+            key = command_id(cmd.type, cmd.target_system, cmd.entity_type, self.canonical(cmd.entity_id), "paid",
+                             self.canonical(inv)) if inv != "None" else cmd.command_id
+            draw = random.Random(f"{self.seed}:{key}").random()
             if draw < self.rates["dropped"]:
                 self.dropped.append(cmd.command_id)
                 return Result(APPLIED, str(cmd.payload.get("deal_id")))

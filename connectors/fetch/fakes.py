@@ -7,12 +7,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -28,7 +32,9 @@ class Script:
     calls: list[str] = field(default_factory=list)
     hold: Callable[[str], Any] | None = None  # awaited before answering (a request left in flight)
     base: str = ""  # where the fake listens, once served
-    rate_limit_per_s: int = 0  # above this many requests in a second: 429, as the vendor's limiter answers
+    rate_limit_per_s: int = 0  # above this many requests in a window: 429, as the vendor's limiter answers
+    rate_window_s: float = 1.0  # the limiter's window (HubSpot private apps: 100 requests per 10 seconds)
+    page_size: int = 2000  # Salesforce query results per page (its default batch is 2000)
     _recent: list[float] = field(default_factory=list)
     limited: int = 0
 
@@ -37,7 +43,7 @@ class Script:
         if not self.rate_limit_per_s:
             return False
         now = time.monotonic()
-        self._recent[:] = [t for t in self._recent if now - t < 1.0]
+        self._recent[:] = [t for t in self._recent if now - t < self.rate_window_s]
         if len(self._recent) >= self.rate_limit_per_s:
             self.limited += 1
             return True
@@ -101,8 +107,11 @@ def hubspot_app(script: Script, token: str = "hubspot-token") -> web.Application
                                                   "INVALID_AUTHENTICATION")
             return web.json_response(body, status=status, headers=headers)
         if script.over_limit():
-            status, headers, body = hubspot_error(429, "You have reached your secondly limit.", "RATE_LIMITS",
-                                                  errorType="RATE_LIMIT", policyName="SECONDLY")
+            policy = "SECONDLY" if script.rate_window_s <= 1 else "TEN_SECONDLY_ROLLING"
+            said = "You have reached your secondly limit." if policy == "SECONDLY" else \
+                "You have reached your ten_secondly_rolling limit."
+            status, headers, body = hubspot_error(429, said, "RATE_LIMITS", errorType="RATE_LIMIT",
+                                                  policyName=policy)
             return web.json_response(body, status=status, headers=headers)
         queued = script.failures.get(oid) or []
         if queued:
@@ -115,7 +124,8 @@ def hubspot_app(script: Script, token: str = "hubspot-token") -> web.Application
             return web.json_response(body, status=status, headers=headers)
         wanted = [p for v in request.query.getall("properties", []) for p in v.split(",") if p]
         doc = {"id": oid, "properties": {k: v for k, v in rec.get("properties", {}).items() if k in wanted},
-               "createdAt": "2024-05-01T10:00:00.000Z", "updatedAt": "2024-05-01T10:05:00.000Z", "archived": False}
+               "createdAt": "2024-05-01T10:00:00.000Z", "updatedAt": rec.get("updatedAt", "2024-05-01T10:05:00.000Z"),
+               "archived": False}
         if "companies" in ",".join(request.query.getall("associations", [])) and rec.get("companies"):
             doc["associations"] = {"companies": {"results": [{"id": cid, "type": "deal_to_company"}
                                                              for cid in rec["companies"]]}}
@@ -151,9 +161,96 @@ def salesforce_app(script: Script, session_id: str = "00Dfake!session", version:
             return web.json_response(body, status=status, headers=headers)
         return web.json_response({"attributes": {"type": name, "url": str(request.rel_url)}, "Id": oid, **rec})
 
+    pages: dict[str, list[dict[str, Any]]] = {}
+
+    def page(records: list[dict[str, Any]], at: int) -> web.Response:
+        done = at + script.page_size >= len(records)
+        doc: dict[str, Any] = {"totalSize": len(records), "done": done,
+                               "records": records[at:at + script.page_size]}
+        if not done:
+            locator = f"01gFAKE{len(pages):06d}-{at + script.page_size}"
+            pages[locator] = records
+            doc["nextRecordsUrl"] = f"/services/data/v{version}/query/{locator}"
+        return web.json_response(doc)
+
+    async def query(request: web.Request) -> web.Response:
+        """SOQL ``SELECT … FROM Account|Opportunity WHERE SystemModstamp >= <datetime> ORDER BY …``, paged."""
+        soql = request.query.get("q", "")
+        script.calls.append(soql)
+        if script.latency_s:
+            await asyncio.sleep(script.latency_s)
+        if request.headers.get("Authorization") != f"Bearer {session_id}":
+            status, headers, body = salesforce_error(401, "INVALID_SESSION_ID", "Session expired or invalid")
+            return web.json_response(body, status=status, headers=headers)
+        queued = script.failures.get("query") or []
+        if queued:
+            status, headers, body = queued.pop(0)
+            return web.json_response(body, status=status, headers=headers)
+        m = re.search(r"\bFROM\s+(Account|Opportunity)\s+WHERE\s+SystemModstamp\s*>=\s*(\S+)", soql)
+        if not m:
+            status, headers, body = salesforce_error(400, "MALFORMED_QUERY", f"unexpected query: {soql[:200]}")
+            return web.json_response(body, status=status, headers=headers)
+        prefix = {"Account": "001", "Opportunity": "006"}[m.group(1)]
+        since = _sf_time(m.group(2))
+        found = sorted((rec.get("SystemModstamp", ""), rid) for rid, rec in script.records.items()
+                       if rid.startswith(prefix) and rec.get("SystemModstamp") and _sf_time(rec["SystemModstamp"])
+                       >= since)
+        records = [{"attributes": {"type": m.group(1), "url": f"/services/data/v{version}/sobjects/{m.group(1)}/"
+                                   f"{rid}"}, "Id": rid, **script.records[rid]} for _, rid in found]
+        return page(records, 0)
+
+    async def more(request: web.Request) -> web.Response:
+        locator = request.match_info["locator"]
+        script.calls.append(locator)
+        base_locator, _, at = locator.rpartition("-")
+        records = pages.get(locator)
+        if records is None:
+            status, headers, body = salesforce_error(400, "INVALID_QUERY_LOCATOR", "invalid query locator")
+            return web.json_response(body, status=status, headers=headers)
+        return page(records, int(at))
+
     app = web.Application()
     app.router.add_get(f"/services/data/v{version}/sobjects/{{name:Account|Opportunity}}/{{id}}", get)
+    app.router.add_get(f"/services/data/v{version}/query/", query)
+    app.router.add_get(f"/services/data/v{version}/query", query)
+    app.router.add_get(f"/services/data/v{version}/query/{{locator}}", more)
     return app
+
+
+def _sf_time(text: str) -> datetime:
+    """A SOQL datetime literal or a REST datetime (``2026-01-02T03:04:05.000Z`` / ``…+0000``)."""
+    t = text.replace("Z", "+00:00")
+    if re.search(r"[+-]\d{4}$", t):
+        t = t[:-2] + ":" + t[-2:]
+    return datetime.fromisoformat(t)
+
+
+def loopback_tls(folder: Path) -> tuple[ssl.SSLContext, str]:
+    """A self-signed certificate for 127.0.0.1 (written to ``folder``): the server's context and the CA file."""
+    import datetime as dt
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+            .sign(key, hashes.SHA256()))
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (folder / "key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                       serialization.NoEncryption()))
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(folder / "cert.pem", folder / "key.pem")
+    return ctx, str(folder / "cert.pem")
 
 
 def jobber_app(script: Script, token: str = "jobber-token") -> web.Application:
@@ -166,6 +263,8 @@ def jobber_app(script: Script, token: str = "jobber-token") -> web.Application:
             await asyncio.sleep(script.latency_s)
         if request.headers.get("Authorization") != f"Bearer {token}":
             return web.json_response({"message": "Unauthorized"}, status=401)
+        if script.over_limit():  # the DDoS middleware: 2500 requests per 5 minutes per app and account
+            return web.json_response({"message": "Too Many Requests"}, status=429, headers={"Retry-After": "1"})
         queued = script.failures.get(oid) or []
         if queued:
             status, headers, body = queued.pop(0)

@@ -125,19 +125,41 @@ class Fetcher:
         self.clock = clock or c.now_ms
 
     def _read(self, reader: Reader, entity_type: str, entity_id: str, change_type: str) -> tuple[dict[str, Any], int]:
+        return self._retrying(reader, f"{entity_type} {entity_id}",
+                              lambda: reader.read(entity_type, entity_id, change_type))
+
+    def _retrying(self, reader: Reader, what: str, call: Callable[[], Any]) -> tuple[Any, int]:
         attempt = 0
         while True:
             attempt += 1
             if self.stop.is_set():
-                raise FetchStalled(f"stopped before reading {entity_type} {entity_id}")
+                raise FetchStalled(f"stopped before reading {what}")
             try:
-                return reader.read(entity_type, entity_id, change_type), attempt
+                return call(), attempt
             except TransientReadError as exc:
                 if attempt >= self.retry.attempts:
-                    raise FetchStalled(f"{reader.vendor} {entity_type} {entity_id}: gave up after {attempt} "
+                    raise FetchStalled(f"{reader.vendor} {what}: gave up after {attempt} "
                                        f"attempts, last: {exc}") from None
                 if self.wait(self.retry.delay(attempt, exc.retry_after)):
-                    raise FetchStalled(f"stopped while retrying {entity_type} {entity_id}") from None
+                    raise FetchStalled(f"stopped while retrying {what}") from None
+
+    def _resync(self, reader: Reader, doc: dict[str, Any], rr: c.Reread, batch: Batch) -> int:
+        """A Salesforce GAP_OVERFLOW: every record of the type modified since the overflow, each as a snapshot."""
+        changed_since = getattr(reader, "changed_since", None)
+        if rr.since_ms is None or changed_since is None:
+            raise PermanentReadError(f"{rr.change_type} asks for a resync of {rr.entity_type} and {reader.vendor} "
+                                     "offers no query by modification time")
+        fields = salesforce.resync_fields(rr.entity_type, self.ctx)
+        records, attempts = self._retrying(reader, f"{rr.entity_type} records modified since {rr.since_ms}",
+                                           lambda: changed_since(rr.entity_type, rr.since_ms, fields))
+        for record in records:
+            rid = str(c.require(record, "Id", what="a queried record's Id"))
+            out = salesforce.map_record(salesforce.with_record(doc, rid, salesforce.cdc_fields(record)),
+                                        _dumps(record), self.ctx)
+            if out.rereads or not out.events:
+                raise c.BadInput(f"the resynced {rr.entity_type} {rid} does not map to a record")
+            batch.events += _snapshot(out)
+        return attempts
 
     def handle(self, notice: Notice) -> Fetched:
         """Fetch and map one notice; FetchStalled (commit nothing) when the vendor stays unreachable."""
@@ -156,8 +178,9 @@ class Fetcher:
             if not wanted:
                 raise c.BadInput("the notice names no record to fetch")
             for rr in wanted:
-                if not rr.entity_ids:
-                    raise PermanentReadError(f"{rr.change_type} asks for a resync of {rr.entity_type}, not a record")
+                if not rr.entity_ids:  # GAP_OVERFLOW: the request is for a resync of the type, not for one id
+                    attempts += self._resync(reader, doc, rr, batch)
+                    continue
                 for entity_id in rr.entity_ids:
                     if notice.source == "salesforce" and rr.change_type == "GAP_DELETE":  # nothing left to read
                         out = salesforce.map_record(salesforce.with_record(doc, entity_id, None), notice.raw, self.ctx)
@@ -173,7 +196,10 @@ class Fetcher:
                         native = _stripe_event(doc, record)
                         out = stripe_events.map_record(native, _dumps(record), self.ctx)
                     elif notice.source == "hubspot":
-                        out = c.Outcome(events=[hubspot.snapshot(rr.entity_type, record, rr.seq or 0,
+                        # the record as of its last modification: it sorts after every change up to then
+                        updated = c.to_ms(record.get("updatedAt"), "updatedAt")
+                        seq = max(rr.seq or 0, updated * 1000 + 999 if updated else 0)
+                        out = c.Outcome(events=[hubspot.snapshot(rr.entity_type, record, seq,
                                                                  rr.dedupe_key, _dumps(record), self.ctx)])
                     else:
                         out = jobber.map_record(_jobber_body(doc, record), _dumps(record), self.ctx)
@@ -284,9 +310,7 @@ def run(bootstrap: str, fetcher: Fetcher, sources: tuple[str, ...] = SOURCES, gr
                 if fetcher.stop.is_set():
                     break  # stopped mid-batch: publish and commit nothing, the notices come back
                 for r in results:
-                    publisher.publish(r.batch)
-                    for rec in r.exceptions:
-                        _publish_exception(publisher, codec, rec)
+                    publish_fetched(publisher, r, codec)
                     if r.exceptions:
                         summary.failed += 1
                         log(f"concord fetch: {r.batch.deadletters[0].record['error']}")
@@ -297,6 +321,14 @@ def run(bootstrap: str, fetcher: Fetcher, sources: tuple[str, ...] = SOURCES, gr
         consumer.close()
         publisher.close()
     return summary
+
+
+def publish_fetched(publisher: Publisher, result: Fetched, codec: Codec | None = None) -> list[tuple[str, int, int]]:
+    """Publish what one notice came to (snapshots, or its dead letter and exception); where the batch landed."""
+    landed = publisher.publish(result.batch)
+    for rec in result.exceptions:
+        _publish_exception(publisher, codec or publisher.codec, rec)
+    return landed
 
 
 def _publish_exception(publisher: Publisher, codec: Codec, rec: dict[str, Any]) -> None:

@@ -83,7 +83,9 @@ class StripeReader:
 
 
 _JOB_FIELDS = ("id jobStatus startAt completedAt client { id name emails { address } } "
-               "lineItems { nodes { name description quantity unitPrice } }")
+               "lineItems { nodes { name description quantity unitPrice } } "
+               "customFields { ... on CustomFieldText { label valueText } "
+               "... on CustomFieldTrueFalse { label valueTrueFalse } }")
 JOB_QUERY = f"query Job($id: EncodedId!) {{ job(id: $id) {{ {_JOB_FIELDS} }} }}"
 VISIT_QUERY = f"query VisitJob($id: EncodedId!) {{ visit(id: $id) {{ job {{ {_JOB_FIELDS} }} }} }}"
 
@@ -143,8 +145,10 @@ def _throttle_wait(doc: dict[str, Any]) -> float | None:
     return max(0.0, missing / rate) if rate > 0 else None
 
 
-DEAL_PROPERTIES = ["dealname", "dealstage", "amount", "closedate", "deal_currency_code", "billing_status"]
-COMPANY_PROPERTIES = ["name", "domain", "billing_account_id", "billing_terms", "address"]
+DEAL_PROPERTIES = ["dealname", "dealstage", "amount", "closedate", "deal_currency_code", "billing_status",
+                   "concord_line_items"]
+COMPANY_PROPERTIES = ["name", "domain", "billing_email", "billing_account_id", "billing_terms", "billing_policy",
+                      "address"]
 
 
 class HubSpotReader:
@@ -186,7 +190,9 @@ class HubSpotReader:
                 raise
             raise _hubspot_error(exc, status) from None
         companies = (((obj.get("associations") or {}).get("companies") or {}).get("results")) or []
+        updated = obj.get("updated_at")
         return {"id": str(obj.get("id")), "properties": obj.get("properties") or {},
+                "updatedAt": updated.isoformat() if hasattr(updated, "isoformat") else updated,
                 "associations": {"companies": [str(x.get("id")) for x in companies if x.get("id")]}}
 
 
@@ -200,8 +206,9 @@ def _hubspot_error(exc: Exception, status: int) -> ReadError:
     if status == 429:
         # the per-second policies refill within a second; HubSpot sends no Retry-After for them
         hint = _retry_after((getattr(exc, "headers", None) or {}).get("Retry-After"))
-        secondly = str(doc.get("policyName") or "").upper() in ("SECONDLY", "TEN_SECONDLY_ROLLING")
-        return TransientReadError(said, hint if hint is not None else (1.0 if secondly else None))
+        # SECONDLY refills within a second; TEN_SECONDLY_ROLLING (the private-app burst limit) within ten
+        window = {"SECONDLY": 1.0, "TEN_SECONDLY_ROLLING": 10.0}.get(str(doc.get("policyName") or "").upper())
+        return TransientReadError(said, hint if hint is not None else window)
     if status == 0 or status >= 500:
         return TransientReadError(said)
     return PermanentReadError(said)
@@ -232,14 +239,28 @@ class SalesforceReader:
 
     def read(self, entity_type: str, entity_id: str, _change_type: str = "") -> dict[str, Any]:
         """The record's fields as the REST API returns them."""
-        import requests
-        from simple_salesforce.exceptions import SalesforceError
-
         name = self._OBJECTS.get(entity_type)
         if name is None:
             raise PermanentReadError(f"Salesforce has no {entity_type} to read")
+        return self._call(lambda: dict(getattr(self.sf, name).get(entity_id)))
+
+    def changed_since(self, entity_type: str, since_ms: int, fields: list[str]) -> list[dict[str, Any]]:
+        """Every record of the type modified at or after ``since_ms`` (SOQL on SystemModstamp, all pages)."""
+        from connectors.inbound.common import iso_ms
+
+        name = self._OBJECTS.get(entity_type)
+        if name is None:
+            raise PermanentReadError(f"Salesforce has no {entity_type} to resync")
+        soql = (f"SELECT Id, {', '.join(fields)} FROM {name} WHERE SystemModstamp >= {iso_ms(since_ms)} "
+                "ORDER BY SystemModstamp, Id")
+        return self._call(lambda: [dict(r) for r in self.sf.query_all(soql)["records"]])
+
+    def _call(self, fn: Any) -> Any:
+        import requests
+        from simple_salesforce.exceptions import SalesforceError
+
         try:
-            return dict(getattr(self.sf, name).get(entity_id))
+            return fn()
         except SalesforceError as exc:
             content = exc.content if isinstance(exc.content, list) else [exc.content]
             codes = {str((e or {}).get("errorCode")) for e in content if isinstance(e, dict)}

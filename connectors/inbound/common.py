@@ -71,6 +71,7 @@ class Reread:
     dedupe_key: str
     raw: bytes = b""
     seq: int | None = None  # the notification's place in the entity's order, for the snapshot a fetch makes
+    since_ms: int | None = None  # a resync (no record ids): every record of the type changed since this time
 
 
 @dataclass
@@ -104,6 +105,11 @@ class Context:
 
 
 # ---------------------------------------------------------------- small parsers
+
+
+def iso_ms(ms: int) -> str:
+    """Epoch milliseconds as ISO 8601 UTC with milliseconds (``2026-01-02T03:04:05.678Z``)."""
+    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
 
 
 def to_ms(value: Any, what: str = "timestamp") -> int | None:
@@ -325,12 +331,16 @@ def job(status: str, deal_id: str | None = None, scheduled_for: int | None = Non
 
 def invoice(status: str, deal_id: str | None = None, job_id: str | None = None, amount_due_cents: int = 0,
             amount_paid_cents: int = 0, currency: str = "USD", lines: list[dict[str, Any]] | None = None,
-            issued_at: int | None = None, due_at: int | None = None) -> dict[str, Any]:
-    """An Invoice record."""
+            issued_at: int | None = None, due_at: int | None = None,
+            billed_to: dict[str, str | None] | None = None) -> dict[str, Any]:
+    """An Invoice record; ``billed_to``: the customer's name, email and address as billing holds them."""
+    to = billed_to or {}
     return {"status": state(status, INVOICE_STATUSES, "invoice status"), "deal_id": deal_id, "job_id": job_id,
             "amount_due_cents": to_int(amount_due_cents, "invoice amount due"),
             "amount_paid_cents": to_int(amount_paid_cents, "invoice amount paid"),
-            "currency": (currency or "USD").upper(), "lines": lines or [], "issued_at": issued_at, "due_at": due_at}
+            "currency": (currency or "USD").upper(), "lines": lines or [], "issued_at": issued_at, "due_at": due_at,
+            "customer_name": to.get("name") or None, "customer_email": to.get("email") or None,
+            "customer_address": to.get("address") or None}
 
 
 def payment(status: str, invoice_id: str | None = None, amount_cents: int = 0, currency: str = "USD",

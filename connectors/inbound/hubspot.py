@@ -53,8 +53,10 @@ OBJECT_TYPE_IDS = {"0-1": "contact", "0-2": "company", "0-3": "deal"}  # object.
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "config" / "hubspot.yaml"
 DEAL_PROPERTIES = {"dealname": "name", "dealstage": "stage", "amount": "amount_cents", "closedate": "closed_at",
                    "deal_currency_code": "currency", "billing_status": "billing_status"}
-COMPANY_PROPERTIES = {"name": "name", "domain": "email", "billing_account_id": "billing_account_id",
-                      "billing_terms": "billing_terms", "address": "billing_address"}
+COMPANY_PROPERTIES = {"name": "name", "domain": "email", "billing_email": "email",
+                      "billing_account_id": "billing_account_id", "billing_terms": "billing_terms",
+                      "billing_policy": "billing_policy", "address": "billing_address"}
+LINES_PROPERTY = "concord_line_items"  # deal property: the deal's line items as JSON, kept by a workflow
 
 
 class SignatureError(Exception):
@@ -186,6 +188,10 @@ def _company_payload(prop: str, value: Any) -> dict[str, Any] | None:
         return c.customer("", billing_account_id=str(value))
     if prop == "billing_terms":
         return c.customer("", billing_terms=str(value))
+    if prop == "billing_email":
+        return c.customer("", email=str(value))
+    if prop == "billing_policy":
+        return c.customer("", billing_policy=str(value))
     if prop == "address":
         return c.customer("", billing_address=str(value))
     return None
@@ -280,6 +286,12 @@ def _one(e: dict[str, Any], position: int, raw: bytes, ctx: c.Context) -> c.Outc
         op = "update"
         if not prop:
             raise c.BadInput("propertyChange without propertyName", obj_id)
+        if "propertyValue" not in e:  # the change is named, its value is not sent: read the object
+            out.rereads.append(c.Reread(VENDOR, entity, [obj_id], sub_type,
+                                        f"HubSpot {obj} {obj_id} property {prop} changed; the webhook carries no "
+                                        "value: re-read it from the CRM objects API", key, raw,
+                                        seq=occurred * 1000 + min(position, 999)))
+            return out
         fields = DEAL_PROPERTIES if entity == "deal" else COMPANY_PROPERTIES
         changed = [fields.get(prop, prop)]
         payload = _deal_payload(prop, value, ctx, obj_id) if entity == "deal" else _company_payload(prop, value)
@@ -313,6 +325,24 @@ def _one(e: dict[str, Any], position: int, raw: bytes, ctx: c.Context) -> c.Outc
     return out
 
 
+def _hubspot_lines(value: Any, obj_id: str) -> list[dict[str, Any]]:
+    """The deal's lines from its ``concord_line_items`` property (a JSON array of line items).
+
+    Each item names its fields as HubSpot line items do: ``hs_sku``, ``quantity``, ``price`` (major units), ``name``.
+    """
+    if value in (None, ""):
+        return []
+    try:
+        items = json.loads(value) if isinstance(value, str) else value
+    except ValueError:
+        raise c.BadInput(f"deal {obj_id} {LINES_PROPERTY} is not JSON", obj_id) from None
+    if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
+        raise c.BadInput(f"deal {obj_id} {LINES_PROPERTY} is not a JSON array of line items", obj_id)
+    return [c.line(c.require(i, "hs_sku", what=f"{LINES_PROPERTY}[].hs_sku"), i.get("quantity", 1),
+                   c.to_cents(c.require(i, "price", what=f"{LINES_PROPERTY}[].price"), f"{LINES_PROPERTY}[].price"),
+                   i.get("name") or "") for i in items]
+
+
 def snapshot(entity: str, record: dict[str, Any], seq: int, event_id: str, raw: bytes, ctx: c.Context) -> c.Mapped:
     """A deal or company read from the CRM objects API (``properties``, associated ``companies``) as a snapshot."""
     obj_id = str(c.require(record, "id", what="id"))
@@ -324,6 +354,7 @@ def snapshot(entity: str, record: dict[str, Any], seq: int, event_id: str, raw: 
         payload = c.deal(_stage(stage, ctx, obj_id), props.get("dealname") or "",
                          c.to_cents(props.get("amount"), "amount") if props.get("amount") not in (None, "") else 0,
                          props.get("deal_currency_code") or "USD",
+                         _hubspot_lines(props.get(LINES_PROPERTY), obj_id),
                          closed_at=c.to_ms(props.get("closedate"), "closedate"),
                          billing_status=props.get("billing_status") or None)
         companies = [str(x) for x in (record.get("associations") or {}).get("companies") or []]
@@ -340,8 +371,9 @@ def snapshot(entity: str, record: dict[str, Any], seq: int, event_id: str, raw: 
         if not props.get("name"):
             raise c.BadInput(f"company {obj_id} has no name", obj_id)
         customer_id = (ctx.identity.resolve("hubspot-company", obj_id) if ctx.identity else None) or obj_id
-        payload = c.customer(str(props["name"]), None, props.get("billing_account_id") or None,
-                             props.get("billing_terms") or None, None, props.get("address") or None,
+        payload = c.customer(str(props["name"]), props.get("billing_email") or None,
+                             props.get("billing_account_id") or None, props.get("billing_terms") or None,
+                             props.get("billing_policy") or None, props.get("address") or None,
                              {"billing": str(props.get("billing_account_id") or "")})
         candidates = []
         if ctx.identity is not None:

@@ -56,8 +56,26 @@ def verify(secret: str | None, body: bytes, signature: str | None) -> None:
         raise SignatureError("X-Jobber-Hmac-SHA256 does not match")
 
 
-def _job_payload(j: dict[str, Any], status: str | None, deal_key: str) -> dict[str, Any]:
+def custom_fields(j: dict[str, Any]) -> dict[str, Any]:
+    """A job's custom fields by label: GraphQL's list (``[{label, valueText | value…}]``) or a relay's object."""
+    fields = j.get("customFields") or {}
+    if isinstance(fields, dict):
+        return fields
+    if not isinstance(fields, list):
+        raise c.BadInput("customFields is neither a list of custom fields nor an object", str(j.get("id") or ""))
+    out: dict[str, Any] = {}
+    for f in fields:
+        if isinstance(f, dict) and f.get("label"):
+            out[str(f["label"])] = next((f[k] for k in ("valueText", "valueNumeric", "valueTrueFalse", "value")
+                                         if k in f), None)
+    return out
+
+
+def _job_payload(j: dict[str, Any], status: str | None, keys: join_keys.JobberKeys) -> dict[str, Any]:
     native = str(j.get("jobStatus") or j.get("status") or "").lower()
+    custom = custom_fields(j)
+    if str(custom.get(keys.cancelled) or "").lower() in ("true", "yes", "1"):
+        native = "cancelled"  # Jobber has no cancelled status: a closed job carries it in a custom field
     st = status or STATUS.get(native)
     if st is None:
         raise c.BadInput(f"job status {native!r} is not mapped", str(j.get("id") or ""))
@@ -66,7 +84,7 @@ def _job_payload(j: dict[str, Any], status: str | None, deal_key: str) -> dict[s
     lines = [c.line(n.get("name") or n.get("sku") or "item", n.get("quantity", 1),
                     c.to_cents(n.get("unitPrice"), "unitPrice"), n.get("description") or "") for n in nodes]
     client = j.get("client") or {}
-    deal = j.get("dealId") or (j.get("customFields") or {}).get(deal_key)
+    deal = j.get("dealId") or custom.get(keys.deal_id)
     return c.job(st, deal, c.to_ms(j.get("startAt")), c.to_ms(j.get("completedAt")),
                  client.get("id") or j.get("clientId"), lines)
 
@@ -104,13 +122,13 @@ def map_record(record: Any, raw: bytes, ctx: c.Context) -> c.Outcome:
     op = {"JOB_CREATE": "create", "JOB_DESTROY": "delete"}.get(topic, "update")
     payload, changed = None, []
     if op != "delete":
-        payload = _job_payload(j or {}, "completed" if topic == "JOB_COMPLETE" else None,
-                               join_keys.of(ctx).jobber.deal_id)
+        payload = _job_payload(j or {}, "completed" if topic == "JOB_COMPLETE" else None, join_keys.of(ctx).jobber)
         changed = ["status"] if topic in ("JOB_COMPLETE", "VISIT_COMPLETE") else []
     client = (j or {}).get("client") or {}
     emails = client.get("emails") or []
     email = emails[0].get("address") if emails and isinstance(emails[0], dict) else None
-    direct = ((j or {}).get("customFields") or {}).get(join_keys.of(ctx).jobber.customer_id)
+    custom = custom_fields(j or {})
+    direct = custom.get(join_keys.of(ctx).jobber.customer_id)
     cid, cands = c.resolve_customer(ctx, "dispatch", client.get("id"), {"name": client.get("name"), "email": email},
                                     direct)
     if ctx.identity is not None and direct:
@@ -118,8 +136,7 @@ def map_record(record: Any, raw: bytes, ctx: c.Context) -> c.Outcome:
     ev = c.change_event(event_id=key, vendor=VENDOR, entity_type="job", entity_id=job_id, seq=occurred, op=op,
                         occurred_at=occurred, payload=payload, raw=raw, content_type=CONTENT_TYPE, ctx=ctx,
                         customer_id=cid, changed_fields=changed,
-                        caused_by_command_id=c.command_id_from(((j or {}).get("customFields") or {})
-                                                               .get("concord_command_id"), bare_ok=True))
+                        caused_by_command_id=c.command_id_from(custom.get("concord_command_id"), bare_ok=True))
     c.check(ev)
     out.events.append(c.Mapped(ev, key, cands))
     return out

@@ -41,6 +41,7 @@ class JobberKeys(BaseModel):
     model_config = ConfigDict(extra="forbid")
     customer_id: str
     deal_id: str
+    cancelled: str = "concord_cancelled"  # Jobber has no cancelled status: a true/false custom field says so
 
 
 class JoinKeys(BaseModel):

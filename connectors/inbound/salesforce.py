@@ -20,6 +20,9 @@ Accepted shapes: a CometD / Streaming API message (``{"data": {"payload": ..., "
   carries only those, so the whole value is unknown: the update becomes a ``Reread`` of the record, which
   ``concord fetch`` publishes whole at the update's place in order (a partial event there first would make
   the guard drop the whole record as stale).
+- ``GAP_OVERFLOW``: a resync request (``Reread`` without ids, ``since_ms`` = the overflow's commit time);
+  ``concord fetch`` reads every record of the type modified since then (SOQL on ``SystemModstamp``) and
+  publishes each as a snapshot at the overflow's place in order.
 - ``changeOrigin`` ``...;client=concord:<command_id>`` marks the echo of a Concord command.
 - Opportunity products: the ``Line_Items__c`` long-text field (a JSON array of OpportunityLineItem fields,
   kept current by a flow) becomes the deal's lines; OpportunityLineItem change events are not mapped yet.
@@ -219,6 +222,14 @@ def cdc_fields(record: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def resync_fields(entity: str, ctx: c.Context) -> list[str]:
+    """The native fields a resync reads for ``entity`` (what the mapping reads, join keys included)."""
+    if entity == "deal":
+        return sorted({*OPPORTUNITY_FIELDS, "AccountId"})
+    keys = join_keys.of(ctx).salesforce
+    return sorted({*ACCOUNT_FIELDS, "Website", keys.billing_account_id, keys.dispatch_account_id})
+
+
 def with_record(message: dict[str, Any], record_id: str, fields: dict[str, Any] | None) -> dict[str, Any]:
     """The gap ``message`` as the change it stood for: one record, its fields read from the API (None: deleted)."""
     doc = json.loads(json.dumps(message))
@@ -251,11 +262,16 @@ def map_record(record: Any, raw: bytes, ctx: c.Context) -> c.Outcome:
     out = c.Outcome()
     wildcard = any(str(i).endswith("*") for i in ids)
     if change == "GAP_OVERFLOW":
-        since = hdr.get("commitNumber") or hdr.get("commitTimestamp")
+        # the last good point: the overflowing transaction's commit time (its records were changed at or after it)
+        since = c.to_ms(c.require(hdr, "commitTimestamp", what="ChangeEventHeader.commitTimestamp"),
+                        "commitTimestamp")
+        if since is None:
+            raise c.BadInput("GAP_OVERFLOW with an empty commitTimestamp: no point to resync from", ids[0])
         out.rereads.append(c.Reread(VENDOR, entity, [], change,
                                     f"overflow event: a transaction changed too many {entity_name} records for "
-                                    f"change events; resync {entity_name} records changed since commit {since} "
-                                    "from Salesforce", f"sf:{txn}:{seq_no}:{change}:{since}", raw))
+                                    f"change events; resync {entity_name} records modified since "
+                                    f"{c.iso_ms(since)} (commit {hdr.get('commitNumber')}) from Salesforce",
+                                    f"sf:{txn}:{seq_no}:{change}:{since}", raw, since_ms=since))
         return out
     if change in GAPS or wildcard:
         reason = ("gap event: Salesforce sent the change without field data" if change in GAPS

@@ -174,7 +174,9 @@ def map_record(record: Any, raw: bytes, ctx: c.Context) -> c.Outcome:
                             c.to_int(c.require(obj, "amount_due", what="data.object.amount_due"), "amount_due"),
                             c.to_int(c.require(obj, "amount_paid", what="data.object.amount_paid"), "amount_paid"),
                             c.require(obj, "currency", what="data.object.currency"), _lines(obj, keys.sku),
-                            c.to_ms(st.get("finalized_at")), c.to_ms(obj.get("due_date")))
+                            c.to_ms(st.get("finalized_at")), c.to_ms(obj.get("due_date")),
+                            {"name": obj.get("customer_name"), "email": obj.get("customer_email"),
+                             "address": _address_line(obj.get("customer_address"))})
         customer_id, candidates = _customer_of(obj, ctx)
         if ctx.identity is not None:  # an InvoicePayment names only its invoice: find the customer through it
             ctx.identity.link("billing_invoice", obj_id, customer_id)
@@ -233,3 +235,11 @@ def map_record(record: Any, raw: bytes, ctx: c.Context) -> c.Outcome:
 def parse(raw: bytes) -> Any:
     """A webhook body: one event as JSON."""
     return json.loads(raw)
+
+
+def _address_line(address: Any) -> str | None:
+    """Stripe's address object (line1, line2, city, state, postal_code, country) as one line; None when absent."""
+    if not isinstance(address, dict):
+        return None
+    parts = [address.get(k) for k in ("line1", "line2", "city", "state", "postal_code", "country")]
+    return ", ".join(str(p) for p in parts if p) or None

@@ -216,7 +216,8 @@ def test_a_hubspot_creation_becomes_the_deal_with_its_company_and_a_secondly_lim
         [m] = out.batch.events
         assert (m.event["entity_type"], m.event["entity_id"], m.event["op"]) == ("deal", "18273901", "snapshot")
         assert m.event["payload"]["stage"] == "closed_won" and m.event["payload"]["amount_cents"] == 300000
-        assert m.event["customer_id"] == "9912400" and m.event["seq"] == 1714490400000 * 1000
+        # the deal as of its updatedAt (2024-05-01T10:05:00Z): it sorts after every change up to then
+        assert m.event["customer_id"] == "9912400" and m.event["seq"] == 1714557900000 * 1000 + 999
         assert waits == [1.0], "HubSpot's secondly limit refills within a second"
         assert script.calls == ["18273901", "18273901"], "the body's other events are not this notice's"
         gone = make({"hubspot": reader}).handle(f.Notice("hubspot", raw.replace(b"18273901", b"18273999"),

@@ -78,7 +78,7 @@ def test_gap_overflow_is_a_resync_of_the_entity_type_not_a_reread_of_a_placehold
     batch = normalize("salesforce", (FIX / "salesforce_gap_overflow.json").read_bytes(), ctx())
     assert batch.events == [] and batch.gaps == 1
     err = batch.deadletters[0].record["error"]
-    assert "resync Opportunity records changed since commit 10716800000" in err
+    assert "resync Opportunity records modified since 2024-04-30T20:46:40.000Z (commit 10716800000)" in err
     assert "000000000000000AAA" not in err
 
 

@@ -46,6 +46,17 @@ def test_basil_invoice_lines_take_their_sku_from_pricing_price_details():
     assert ev["payload"]["status"] == "paid" and ev["payload"]["deal_id"] == "006RM000004ABCDYA4"
 
 
+def test_an_invoice_says_whom_billing_billed_and_its_address_object_becomes_one_line():
+    ev = one("stripe_invoice_paid.json", ctx())
+    assert (ev["payload"]["customer_name"], ev["payload"]["customer_email"]) == (
+        "Acme Plumbing Ltd", "ap@acmeplumbing.example")
+    record = json.loads(raw("stripe_invoice_paid.json"))
+    record["data"]["object"]["customer_address"] = {"line1": "1 Main St", "line2": None, "city": "Leeds",
+                                                    "state": None, "postal_code": "LS1 4AP", "country": "GB"}
+    [m] = normalize("stripe", json.dumps(record).encode(), ctx()).events
+    assert m.event["payload"]["customer_address"] == "1 Main St, Leeds, LS1 4AP, GB"
+
+
 def test_invoice_payment_links_the_payment_intent_to_its_invoice_and_the_payment_joins_it():
     ident = IdentityMap()
     ident.link("billing", "cus_Q1acme", "001RM000003Z9aBYAS")

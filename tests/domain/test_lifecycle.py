@@ -106,3 +106,30 @@ def test_acknowledge_keeps_it_open():
     action(h, exc["exception_id"], kind="acknowledge")
     assert h.exceptions()[-1]["state"] == "acknowledged"
     assert h.statuses[b"c1"]["exceptions"][exc["exception_id"]]["state"] == "acknowledged"
+
+
+def test_a_restart_delivering_the_customer_again_parks_nothing_twice_and_nothing_already_decided():
+    # at-least-once: after a kill, stage two reads accepted.changes again from its committed offset
+    h, exc = blocked()
+    before = json.dumps(h.statuses[b"c1"], sort_keys=True)
+    h.redeliver_accepted()
+    status = h.statuses[b"c1"]
+    assert [len(q) for q in status["parked"].values()] == [2], "each parked event waits once"
+    assert json.dumps(status, sort_keys=True) == before
+    action(h, exc["exception_id"], patch={"billing_account_id": "cus_1"})
+    assert h.statuses[b"c1"]["deals"]["d1"]["name"] == "renamed again" and not h.statuses[b"c1"]["parked"]
+
+
+def test_an_event_decided_before_its_entity_was_blocked_is_not_parked_when_delivered_again():
+    h = InProcess(now=T0)
+    h.feed_event(ev.change_event("customer", "c1", 1, ev.customer("Acme", account="acct_1"), "c1", at=T0))
+    h.feed_event(ev.change_event("deal", "d1", 1, ev.deal("open", LINES), "c1", at=T0))
+    first_accepted = len(h.accepted)
+    # the customer loses its billing account: the deal's closing is blocked from here on
+    h.feed_event(ev.change_event("customer", "c1", 2, ev.customer("Acme", account=None), "c1", at=T0))
+    h.feed_event(ev.change_event("deal", "d1", 2, ev.deal("closed_won", LINES), "c1", at=T0))
+    assert h.exceptions(), "the won deal without a billing account is raised"
+    parked = json.dumps(h.statuses[b"c1"]["parked"], sort_keys=True)
+    h.redeliver_accepted()
+    assert json.dumps(h.statuses[b"c1"]["parked"], sort_keys=True) == parked, "nothing decided before is parked"
+    assert first_accepted == 2 and [d["outcome"] for d in decisions(h)].count("parked") == 0

@@ -146,6 +146,17 @@ def test_late_invoice_is_not_on_time():
     assert out.facts["invoice_on_time"] is False
 
 
+def test_an_invoice_seen_before_the_jobs_completion_is_judged_once_when_the_completion_arrives():
+    c = Customer(policy="on_completion")
+    c.send("job", "j1", ev.job("scheduled", LINES, deal_id="d1"))
+    out = c.send("invoice", "in1", ev.invoice("open", LINES, job_id="j1", issued_at=T0 + 72 * 3_600_000))
+    assert "invoice_on_time" not in out.facts, "the work is not known to be done yet"
+    out = c.send("job", "j1", ev.job("completed", LINES, deal_id="d1", completed_at=T0))
+    assert out.facts["invoice_on_time"] is False
+    out = c.send("job", "j1", ev.job("completed", LINES, deal_id="d1", completed_at=T0))
+    assert "invoice_on_time" not in out.facts, "judged once"
+
+
 def test_payment_failed_goes_to_finance_with_attempts_and_closes_when_paid():
     c = Customer()
     c.send("invoice", "in1", ev.invoice("open", LINES, deal_id="d1", issued_at=T0))

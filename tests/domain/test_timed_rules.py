@@ -223,3 +223,98 @@ def test_same_facts_and_same_now_give_the_same_exceptions(hours, policy, invoice
     assert (steady.exceptions, steady.updated, steady.resolved) == ([], [], [])
     nd = first.facts["next_due"]
     assert nd is None or nd > now
+
+
+# ---- customer master data ----------------------------------------------------------------------------
+BILLED_AS_CRM = {"name": "Acme", "email": "ap@acme.example", "address": "1 Main St"}
+SYNC = int(CFG.customer_sync_within_s * 1000)
+
+
+def moved(seq=2, at=T + H):
+    """The CRM changes the customer's email (Concord sends billing update_customer)."""
+    return ev.change_event("customer", "c1", seq, ev.customer("Acme", email="billing@acme.example", account="acct_1"),
+                           "c1", at=at)
+
+
+def billed(inv_id, at, billed_to, status="open", seq=1):
+    return ev.change_event("invoice", inv_id, seq, ev.invoice(status, LINES[:1], deal_id="d1", issued_at=at,
+                                                              due_at=at + 30 * 24 * H, billed_to=billed_to),
+                           "c1", at=at)
+
+
+def test_customer_drift_when_billing_still_invoices_under_the_old_email_after_the_deadline():
+    deadline = T + H + SYNC
+    status = feed([customer(), won(), moved(), billed("inv1", deadline, BILLED_AS_CRM)])
+    status["commands"] = {}  # the drift alone, not the unconfirmed create_invoice
+    assert timed_rules.check(status, CFG, deadline - 1).exceptions == []
+    [exc] = timed_rules.check(status, CFG, deadline).exceptions
+    assert exc["reason_code"] == "customer_drift" and exc["entity_type"] == "customer" and exc["entity_id"] == "c1"
+    assert "email='ap@acme.example' (the CRM: 'billing@acme.example')" in exc["message"]
+    assert "name=" not in exc["message"], "the fields that agree are not drift"
+    assert (exc["amount_at_risk_cents"], exc["currency"]) == (25_000, "USD")
+
+
+def test_no_customer_drift_for_an_invoice_issued_before_billing_had_time_or_without_its_customer_fields():
+    deadline = T + H + SYNC
+    early = feed([customer(), won(), moved(), billed("inv1", deadline - 1, BILLED_AS_CRM)])
+    silent = feed([customer(), won(), moved(), billed("inv1", deadline, None)])
+    for status in (early, silent):
+        status["commands"] = {}
+        assert timed_rules.check(status, CFG, deadline + 10 * H).exceptions == []
+    assert timed_rules.next_due(silent, CFG, T) != deadline, "a feed without customer fields has nothing to wait for"
+
+
+def test_customer_drift_closes_itself_when_billing_issues_under_the_crms_details_or_the_crm_agrees():
+    deadline = T + H + SYNC
+    status = feed([customer(), won(), moved(), billed("inv1", deadline, BILLED_AS_CRM)])
+    status["commands"] = {}
+    drifted = timed_rules.check(status, CFG, deadline).status
+    taken = feed([billed("inv2", deadline + H, {**BILLED_AS_CRM, "email": " Billing@Acme.example "})],
+                 status=drifted)
+    assert [g["reason_code"] for g in timed_rules.check(taken, CFG, deadline + H).resolved] == ["customer_drift"]
+    back = feed([ev.change_event("customer", "c1", 3, ev.customer("Acme", email="ap@acme.example", account="acct_1"),
+                                 "c1", at=deadline + H)], status=drifted)
+    assert [g["reason_code"] for g in timed_rules.check(back, CFG, deadline + H).resolved] == ["customer_drift"]
+
+
+def test_an_address_billing_holds_in_more_detail_is_the_same_address():
+    deadline = T + H + SYNC
+    fuller = {**BILLED_AS_CRM, "email": "billing@acme.example", "address": "1 Main St, Leeds, LS1 4AP, GB"}
+    status = feed([customer(), won(), moved(), billed("inv1", deadline, fuller)])
+    status["commands"] = {}
+    assert timed_rules.check(status, CFG, deadline).exceptions == []
+    other = feed([customer(), won(), moved(), billed("inv1", deadline, {**fuller, "address": "9 Elm Rd, Leeds"})])
+    other["commands"] = {}
+    [exc] = timed_rules.check(other, CFG, deadline).exceptions
+    assert "billing_address='9 Elm Rd, Leeds' (the CRM: '1 Main St')" in exc["message"]
+
+
+def test_a_paid_invoice_under_the_old_details_is_drift_with_no_money_at_risk():
+    deadline = T + H + SYNC
+    status = feed([customer(), won(), moved(), billed("inv1", deadline, BILLED_AS_CRM),
+                   billed("inv1", deadline, BILLED_AS_CRM, status="paid", seq=2)])
+    status["commands"] = {}
+    [exc] = timed_rules.check(status, CFG, deadline).exceptions
+    assert exc["reason_code"] == "customer_drift" and exc["amount_at_risk_cents"] is None
+
+
+@settings(max_examples=60, deadline=None)
+@given(hours=st.integers(0, 48), crm_moves=st.booleans(), email=st.sampled_from(["ap@acme.example",
+                                                                                 "billing@acme.example", None]),
+       issued_h=st.integers(0, 6))
+def test_customer_drift_same_facts_and_same_now_give_the_same_exceptions(hours, crm_moves, email, issued_h):
+    events = [customer(), won()] + ([moved()] if crm_moves else [])
+    events.append(billed("inv1", T + issued_h * H, {**BILLED_AS_CRM, "email": email}))
+    status = feed(events)
+    now = T + hours * H  # the fake clock
+    first = timed_rules.check(clone(status), CFG, now)
+    again = timed_rules.check(clone(status), CFG, now)
+    assert json.dumps(first.exceptions, sort_keys=True) == json.dumps(again.exceptions, sort_keys=True)
+    drift = [e for e in first.exceptions if e["reason_code"] == "customer_drift"]
+    crm_email = "billing@acme.example" if crm_moves else "ap@acme.example"
+    changed_at = T + H if crm_moves else T
+    expected = email is not None and email != crm_email and T + issued_h * H >= changed_at + SYNC \
+        and now >= changed_at + SYNC
+    assert bool(drift) == expected
+    steady = timed_rules.check(first.status, CFG, now)
+    assert (steady.exceptions, steady.updated, steady.resolved) == ([], [], [])

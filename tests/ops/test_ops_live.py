@@ -362,6 +362,20 @@ def test_every_recording_rule_returns_data(live):
     live.wait(lambda: f"every recording rule returns a sample; still empty: {empty}", all_have_data)
 
 
+def test_mttr_is_held_against_the_slas_the_worker_exports(live):
+    """The SLA rule weighs the routed SLAs (scaled as the exceptions' own) by what the owner resolved."""
+    exported = {s["metric"]["reason"]: float(s["value"][1])
+                for s in live.query('concord_exception_sla_seconds{job="concord",owner="revenue-ops"}')}
+    assert exported["customer_drift"] == pytest.approx(86_400 * 0.0002), exported  # routing.yaml 1d, CONCORD_SLA_SCALE
+    [sla] = live.wait("revenue-ops has an SLA to hold its MTTR against (resolve_one resolved one of its exceptions)",
+                      lambda: live.query('concord:kpi_sla_seconds_by_owner:24h{owner="revenue-ops"}'))
+    assert min(exported.values()) <= float(sla["value"][1]) <= max(exported.values()), (sla, exported)
+    # one instant query: all three come from the same evaluation of the group
+    [both] = live.query('concord:kpi_mttr_over_sla_ratio_by_owner:24h{owner="revenue-ops"} - on (owner) ('
+                        'concord:kpi_mttr_seconds_by_owner:24h / concord:kpi_sla_seconds_by_owner:24h)')
+    assert float(both["value"][1]) == pytest.approx(0.0, abs=1e-9)
+
+
 def test_every_dashboard_query_returns_data(live):
     targets = dashboard_targets()
     assert len(targets) > 20, "the dashboard's panel targets were not found"

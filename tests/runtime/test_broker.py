@@ -3,7 +3,7 @@
 import time
 
 import pytest
-from confluent_kafka import Consumer, Producer
+from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 from concord.contracts import topics
@@ -55,3 +55,21 @@ def test_produce_and_consume_with_a_group(broker, uid):
     consumer.close()
     assert got == sent
     assert all(len(parts) == 1 for parts in by_key_partition.values()), "a key must stay on one partition"
+
+
+def test_read_ends_finds_the_last_record_of_a_partitions_last_batch(broker, uid):
+    # the table recovery and start_group_at_end rely on it: the embedded broker reports a shorter end
+    from concord.runtime.broker import read_ends
+
+    name = f"ends-{uid}"
+    spec = topics.TopicSpec(name, "control", "k", "test", partitions=1)
+    ensure_topics(broker.bootstrap_servers, [spec])
+    p = Producer({"bootstrap.servers": broker.bootstrap_servers, "linger.ms": 200})
+    for i in range(7):
+        p.produce(name, key=b"k", value=str(i).encode())
+    assert p.flush(20) == 0
+    c = Consumer({"bootstrap.servers": broker.bootstrap_servers, "group.id": f"g-{uid}"})
+    reported = c.get_watermark_offsets(TopicPartition(name, 0), timeout=10)[1]
+    c.close()
+    assert 1 <= reported <= 7
+    assert read_ends(broker.bootstrap_servers, {(name, 0): reported}) == {(name, 0): 7}

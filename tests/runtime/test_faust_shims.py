@@ -84,3 +84,11 @@ def test_an_app_built_without_the_shims_keeps_faust_behaviour():
     app.consumer._acked[tp] = [0, 1, 2]
     app.consumer._acked_index[tp] = {0, 1, 2}
     assert app.consumer._new_offset(tp) == 3
+
+
+def test_faust_still_recovers_tables_to_the_end_the_broker_reports():
+    # the recovery-end shim corrects the highwaters _build_highwaters fills from consumer.highwaters
+    assert list(inspect.signature(Recovery._build_highwaters).parameters) == [
+        "self", "consumer", "tps", "destination", "title"]
+    src = inspect.getsource(faust_shims._ORIGINAL.get("build_highwaters", Recovery._build_highwaters))
+    assert "await consumer.highwaters(*tps)" in src and "value - 1" in src and "destination.update(" in src

@@ -51,3 +51,31 @@ def test_the_index_holds_only_customers_with_a_pending_deadline():
     assert all(not v for k, v in h.deadlines.items() if k.startswith(b"\x00deadlines:0:"))
     assert h.deadlines[directory_key(0)] == {}
     assert set(h.statuses) == {b"c1"}, "the harness keeps the index apart from the statuses"
+
+
+def test_the_timer_raises_customer_drift_on_the_owners_queue_and_an_invoice_under_the_crms_details_closes_it():
+    cfg_sync = 3_600_000
+    h = InProcess(now=T)
+    moved_at = T + 60_000
+    billed = {"name": "Acme", "email": "ap@acme.example", "address": "1 Main St"}
+
+    def invoice(inv_id, at, to):
+        h.feed_event(ev.change_event("invoice", inv_id, 1, ev.invoice("open", LINES, deal_id="d1", issued_at=at,
+                                                                       billed_to=to), "c1", at=at))
+
+    h.feed_event(ev.change_event("customer", "c1", 1, ev.customer("Acme", email="ap@acme.example", account="a1"),
+                                 "c1", at=T))
+    h.feed_event(ev.change_event("customer", "c1", 2, ev.customer("Acme", email="new@acme.example", account="a1"),
+                                 "c1", at=moved_at))
+    invoice("inv1", moved_at + cfg_sync, billed)  # carried through the codec: the schema holds billing's fields
+    h.reconcile()
+    assert not [e for e in h.exceptions() if e["reason_code"] == "customer_drift"], "billing has time until then"
+    h.clock["now"] = moved_at + cfg_sync
+    h.reconcile()
+    [raised] = [e for e in h.exceptions() if e["reason_code"] == "customer_drift"]
+    assert (raised["owner"], raised["state"], raised["amount_at_risk_cents"]) == ("revenue-ops", "open", 25_000)
+    assert raised["sla_deadline"] - raised["opened_at"] == 24 * 3_600_000  # routing.yaml: 1d
+    invoice("inv2", moved_at + 2 * cfg_sync, {**billed, "email": "new@acme.example"})
+    h.reconcile()
+    states = [e["state"] for e in h.exceptions() if e["reason_code"] == "customer_drift"]
+    assert states == ["open", "resolved"]
