@@ -4,10 +4,18 @@ Decisions are derived from the customer's facts, not from the order events arriv
 the rules list every command the facts warrant and issue those not issued before, and every exception
 the facts warrant; an exception that is no longer warranted (the data was fixed) is resolved. So any
 interleaving of the same per-entity histories ends in the same status and the same command ids.
+
+After each decision every warranted command is issued and the open exceptions are exactly those warranted,
+so what a record warrants can only change when a fact it depends on changes. An event therefore looks again
+only at the records it concerns (``touched``: the record itself and those whose rules read it, found through
+the status index) and keeps the open exceptions of all others as they are: the same decisions as looking at
+every record, at a cost that does not grow with the customer's history. A status without a valid index (one
+written before it existed) and an owner's patch are decided in full.
 """
 
 from __future__ import annotations
 
+import bisect
 import difflib
 import functools
 import hashlib
@@ -23,13 +31,17 @@ from concord.domain.ids import command_id, stable_id
 from concord.domain.status import (
     COLLECTION,
     apply_event,
+    build_index,
     clone,
     customer_record,
+    effective_record,
     empty_status,
     fork,
+    index_valid,
     invoice_paid,
     invoices_of,
     refresh_positions,
+    sorted_has,
 )
 from concord.exceptions import ValidationError
 
@@ -56,29 +68,140 @@ class Outcome:
 def decide(status: dict[str, Any] | None, event: dict[str, Any], cfg: FlowConfig, now: int) -> Outcome:
     """Apply ``event`` to a copy of ``status`` and return the new status with what it causes."""
     key = event["customer_id"] or f"unknown:{event['entity_type']}:{event['entity_id']}"
-    st = fork(status) if status else empty_status(key)
-    was_issued = bool(st["invoices"].get(event["entity_id"], {}).get("issued")) if event["entity_type"] == "invoice" \
-        else True
-    was_completed = bool(st["jobs"].get(event["entity_id"], {}).get("completed_at")) \
-        if event["entity_type"] == "job" else True
+    entity, entity_id = event["entity_type"], event["entity_id"]
+    st = _fork_for(status, entity) if status else empty_status(key)
+    was_issued = bool(st["invoices"].get(entity_id, {}).get("issued")) if entity == "invoice" else True
+    was_completed = bool(st["jobs"].get(entity_id, {}).get("completed_at")) if entity == "job" else True
+    incremental = index_valid(st) and st["customer_id"] is not None
+    if incremental:
+        raw_old = _raw(st, entity, entity_id)
+        old = effective_record(st, entity, entity_id) if entity != "customer" else customer_record(st) or {}
     if not apply_event(st, event):
         return Outcome(status if status else st, facts={"stale": True})
-    refresh_positions(st)
-    return settle(st, cfg, now, event, was_issued, was_completed)
+    if not incremental:
+        build_index(st)
+        refresh_positions(st)
+        return settle(st, cfg, now, event, was_issued, was_completed)
+    new = effective_record(st, entity, entity_id) if entity != "customer" else customer_record(st) or {}
+    deals, jobs = _moved(st, entity, entity_id, raw_old, _raw(st, entity, entity_id))
+    refresh_positions(st, deals, jobs)
+    return settle(st, cfg, now, event, was_issued, was_completed, touched(st, entity, entity_id, old, new))
+
+
+def _fork_for(status: dict[str, Any], entity: str) -> dict[str, Any]:
+    """A copy of ``status`` that deciding one event of ``entity`` may change without touching the original.
+
+    Only what every decision writes is copied here (the entity's collection, open exceptions); the rest
+    (other collections, sequence numbers, commands, the index) is copied where it is changed.
+    A status without a valid index is decided in full, and gets a full fork.
+    """
+    if not index_valid(status) or not status.get("customer_id"):
+        return fork(status)
+    st = dict(status)
+    if entity in COLLECTION:
+        st[COLLECTION[entity]] = dict(status[COLLECTION[entity]])
+    st["exceptions"] = {k: dict(v) for k, v in status["exceptions"].items()}
+    for name in ("overrides", "discarded", "parked", "commands", "overdue"):
+        st.setdefault(name, {})
+    return st
+
+
+def _raw(st: dict[str, Any], entity: str, entity_id: str) -> dict[str, Any]:
+    if entity == "customer":
+        return {}
+    return st[COLLECTION[entity]].get(entity_id) or {}
+
+
+def _moved(st: dict[str, Any], entity: str, entity_id: str, old: dict[str, Any],
+           new: dict[str, Any]) -> tuple[set[str], set[str]]:
+    """The deals and jobs whose position (which reads the records as stored) an event of ``entity`` may change."""
+    deals: set[str] = set()
+    jobs: set[str] = set()
+    jobs_now = st["jobs"]
+
+    def invoice(inv: dict[str, Any]) -> None:
+        jobs.add(inv.get("job_id") or "")
+        deals.add(inv.get("deal_id") or "")
+        deals.add(jobs_now.get(inv.get("job_id") or "", {}).get("deal_id") or "")
+
+    if entity == "deal":
+        deals.add(entity_id)
+    elif entity == "job":
+        jobs.add(entity_id)
+        deals.update((old.get("deal_id") or "", new.get("deal_id") or ""))
+    elif entity == "invoice":
+        invoice(old)
+        invoice(new)
+    elif entity == "payment":
+        for inv_id in {old.get("invoice_id"), new.get("invoice_id")} - {None}:
+            invoice(st["invoices"].get(inv_id) or {})
+    deals.discard("")
+    jobs.discard("")
+    return deals, jobs
+
+
+# What of a customer's CRM record the deal and job rules read: any other change leaves them as they were.
+_CUSTOMER_META = frozenset({"event_id", "trace_id", "occurred_at", "seq"})
+
+
+def touched(st: dict[str, Any], entity: str, entity_id: str, old: dict[str, Any],
+            new: dict[str, Any]) -> dict[str, set[str]]:
+    """The records (by entity, ids) whose rules read what one event changed.
+
+    ``old`` and ``new`` are the record as the rules saw it before and see it now. Every other record warrants
+    what it warranted.
+    """
+    out: dict[str, set[str]] = {"deal": set(), "job": set(), "invoice": set(), "payment": set()}
+    idx = st["index"]
+    if entity == "customer":
+        if {k: v for k, v in old.items() if k not in _CUSTOMER_META} != \
+                {k: v for k, v in new.items() if k not in _CUSTOMER_META}:  # billing setup: every deal and job
+            out["deal"].update(st["deals"])
+            out["job"].update(st["jobs"])
+        return out
+    out[entity].add(entity_id)
+    if entity == "deal":
+        out["invoice"].update(idx["deal_invoices"].get(entity_id, ()))  # billed against the deal's lines
+        out["invoice"].update(idx["orphan_invoices"])  # their suggestions list won deals
+        out["job"].update(idx["unlinked_jobs"])  # theirs list won deals without a job
+    elif entity == "job":
+        out["invoice"].update(idx["job_invoices"].get(entity_id, ()))  # the job's lines, its deal
+        if old.get("deal_id") != new.get("deal_id") or not old:
+            out["job"].update(idx["unlinked_jobs"])
+    elif entity == "invoice":
+        for rec in (old, new):
+            out["job"].add(rec.get("job_id") or "")  # a cancelled job's invoices
+            out["invoice"].update(idx["job_invoices"].get(rec.get("job_id") or "", ()))  # duplicates
+            out["invoice"].update(idx["deal_invoices"].get(rec.get("deal_id") or "", ()))
+        out["payment"].update(idx["invoice_payments"].get(entity_id, ()))  # a failed payment of a paid invoice
+        out["payment"].update(idx["loose_payments"])  # their suggestions list open invoices
+    elif entity == "payment":
+        for inv_id in {old.get("invoice_id"), new.get("invoice_id")} - {None}:  # whether the invoice is paid
+            out["invoice"].add(inv_id)
+            out["job"].add(effective_record(st, "invoice", inv_id).get("job_id") or "")
+            out["payment"].update(idx["invoice_payments"].get(inv_id, ()))
+    for ids in out.values():
+        ids.discard("")
+    return out
 
 
 def settle(st: dict[str, Any], cfg: FlowConfig, now: int, event: dict[str, Any],
-           was_issued: bool = True, was_completed: bool = True) -> Outcome:
-    """Issue what the facts in ``st`` warrant and not yet issued; open and resolve exceptions to match."""
-    commands, exceptions = warranted(st, cfg)
-    issued = set(st["issued"])
+           was_issued: bool = True, was_completed: bool = True,
+           touched: dict[str, set[str]] | None = None) -> Outcome:
+    """Issue what the facts in ``st`` warrant and not yet issued; open and resolve exceptions to match.
+
+    ``touched`` (see ``touched``) limits the look to the records an event concerns; None looks at all.
+    """
+    commands, exceptions = warranted(st, cfg, touched)
+    issued = st["issued"] if touched is not None else sorted(set(st["issued"]))
     echo = event.get("caused_by_command_id")
     out = Outcome(st)
-    st.setdefault("commands", {})
+    pending = list(st["index"]["pending"]) if index_valid(st) else None
+    new_ids = []
     for cmd in commands:
-        if cmd["command_id"] in issued:
+        if sorted_has(issued, cmd["command_id"]) or cmd["command_id"] in new_ids:
             continue
-        issued.add(cmd["command_id"])
+        new_ids.append(cmd["command_id"])
         if echo and cmd["target_system"] == event["source_system"]:
             out.facts.setdefault("suppressed_echo", []).append(cmd["command_id"])
             continue  # the source made this change because we asked; telling it again would loop
@@ -88,12 +211,24 @@ def settle(st: dict[str, Any], cfg: FlowConfig, now: int, event: dict[str, Any],
         out.commands.append({**cmd, "caused_by": sorted({event["event_id"], *by_entity}),
                              "trace_id": cmd["trace_id"] or event["trace_id"], "issued_at": now,
                              "source_occurred_at": event["occurred_at"]})
-        confirm.track(st, out.commands[-1], payload, cfg, now)
-    st["issued"] = sorted(issued)
-    confirmed = confirm.observe(st, event, now)
+        if cfg.confirm_within_s.get(cmd["type"]) is not None and cmd["command_id"] not in st["commands"]:
+            st["commands"] = dict(st["commands"])  # copied only when it changes (see _fork_for)
+            confirm.track(st, out.commands[-1], payload, cfg, now)
+            if pending is not None:
+                bisect.insort(pending, cmd["command_id"])
+    if new_ids:
+        issued = list(issued)
+        for cid in new_ids:
+            bisect.insort(issued, cid)
+    st["issued"] = issued
+    confirmed = _observe(st, event, now, pending, new_ids, touched is None)
     if confirmed:
         out.facts["confirmed"] = confirmed
-    sweep(st, exceptions, now, event, out, lambda reason: reason not in TIMED_REASONS)
+    keep = None
+    if touched is not None:  # the open exceptions of records not looked at stay open as they are
+        keep = {eid for eid, e in st["exceptions"].items() if e["reason_code"] not in TIMED_REASONS
+                and e["entity_type"] in touched and e["entity_id"] not in touched[e["entity_type"]]}
+    sweep(st, exceptions, now, event, out, lambda reason: reason not in TIMED_REASONS, keep)
     # Judged once per invoice, when both facts are first known: the feeds may bring the invoice before the completion.
     on_time = None
     if event["entity_type"] == "invoice" and not was_issued:
@@ -107,9 +242,45 @@ def settle(st: dict[str, Any], cfg: FlowConfig, now: int, event: dict[str, Any],
     return out
 
 
+# The records whose change can show a command of each type done (confirm.matching_record): any other event
+# can confirm a pending command only by echoing its id.
+_CONFIRMED_BY = {"create_invoice": frozenset({"invoice", "job"}), "create_job": frozenset({"job"}),
+                 "update_deal_billing_status": frozenset({"deal"}), "void_invoice": frozenset({"invoice"})}
+
+
+def _observe(st: dict[str, Any], event: dict[str, Any], now: int, pending: list[str] | None,
+             fresh: list[str], everything: bool) -> list[str]:
+    """confirm.observe over the commands not confirmed yet that this event can confirm, written back to ``st``.
+
+    After every decision no pending command has a record showing it done, so only those just issued
+    (``fresh``), the one the event echoes and those whose type the event's entity can confirm are looked at;
+    ``everything`` (a decision in full) looks at all pending ones.
+    """
+    if pending is None:
+        return confirm.observe(st, event, now)
+    commands, entity, echo = st["commands"], event["entity_type"], event.get("caused_by_command_id")
+    look = {cid: commands[cid] for cid in pending if cid in commands and (
+        everything or cid == echo or cid in fresh or entity in _CONFIRMED_BY.get(commands[cid]["type"], ()))}
+    if not look:
+        confirmed: list[str] = []
+    else:
+        view = dict(st, commands=look)
+        confirmed = confirm.observe(view, event, now)
+        if confirmed:
+            st["commands"] = {**commands, **{cid: view["commands"][cid] for cid in confirmed}}
+            done = set(confirmed)
+            pending = [cid for cid in pending if cid not in done]
+    if pending != st["index"]["pending"]:
+        st["index"] = {**st["index"], "pending": pending}
+    return confirmed
+
+
 def sweep(st: dict[str, Any], drafts: list[dict[str, Any]], now: int, event: dict[str, Any], out: Outcome,
-          owns: Callable[[str], bool]) -> None:
-    """Open, update and resolve the exceptions of the reasons ``owns`` accepts so that ``drafts`` are what is open."""
+          owns: Callable[[str], bool], keep: set[str] | None = None) -> None:
+    """Open, update and resolve the exceptions of the reasons ``owns`` accepts so that ``drafts`` are what is open.
+
+    ``keep``: open exceptions that stay as they are (of records the drafts were not made for).
+    """
     discarded = st.get("discarded", {})
     wanted = {d["exception_id"]: d for d in drafts if d["exception_id"] not in discarded}
     for eid, draft in wanted.items():
@@ -127,7 +298,9 @@ def sweep(st: dict[str, Any], drafts: list[dict[str, Any]], now: int, event: dic
                          currency=draft.get("currency"))
             out.updated.append({**draft, "opened_at": known["opened_at"]})
     why = event.get("why") or f"{event['entity_type']} {event['entity_id']} changed"
-    for eid in sorted(e for e, entry in st["exceptions"].items() if e not in wanted and owns(entry["reason_code"])):
+    keep = keep or set()
+    for eid in sorted(e for e, entry in st["exceptions"].items()
+                      if e not in wanted and e not in keep and owns(entry["reason_code"])):
         gone = st["exceptions"].pop(eid)
         gone.pop("digest", None)  # "original" stays: the resolution record names the event it was raised on
         out.resolved.append({**gone, "exception_id": eid, "customer_id": st["customer_id"],
@@ -156,10 +329,12 @@ def act(status: dict[str, Any], action: dict[str, Any], cfg: FlowConfig, now: in
     if action["action"] == "discard":
         st["exceptions"].pop(eid)
         st.setdefault("discarded", {})[eid] = entry["reason_code"]
+        build_index(st)
         return settle(st, cfg, now, replay)
     if action["action"] != "resolve":
         raise ValidationError(f"unknown action {action['action']!r}")
     apply_patch(st, entry, action["patch"], cfg)
+    build_index(st)  # the index holds the records as patched
     out = settle(st, cfg, now, replay)
     if eid in out.status["exceptions"]:
         raise ValidationError(f"the patch does not fix it: {_why_still(out.status, eid, cfg)}")
@@ -217,20 +392,31 @@ def _like(current: Any, value: str, name: str) -> Any:
 
 
 # ---- what the facts warrant ---------------------------------------------------------------------
-def warranted(st: dict[str, Any], cfg: FlowConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Every command and exception the customer's current facts call for (issued or not)."""
+def warranted(st: dict[str, Any], cfg: FlowConfig, touched: dict[str, set[str]] | None = None,
+              ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Every command and exception the customer's current facts call for (issued or not).
+
+    With ``touched``, only what those records (and the customer's own record) warrant.
+    """
     commands: list[dict[str, Any]] = []
     exceptions: list[dict[str, Any]] = []
     st = _effective(st)
     cust = customer_record(st)
     policy = _policy(cust, cfg)
+
+    def each(entity: str) -> list[tuple[str, dict[str, Any]]]:
+        records = st[COLLECTION[entity]]
+        if touched is None:
+            return sorted(records.items())
+        return [(i, records[i]) for i in sorted(touched[entity]) if i in records]
+
     if cust and st["customer_id"] and not cust.get("deleted"):
         commands += _update_customer(st, cust)
-    for deal_id, deal in sorted(st["deals"].items()):
+    for deal_id, deal in each("deal"):
         if not deal.get("won") or deal.get("deleted"):
             continue
         ctype, target = ("create_invoice", "billing") if policy == "on_close" else ("create_job", "dispatch")
-        if command_id(ctype, target, "deal", deal_id) in st["issued"]:
+        if sorted_has(st["issued"], command_id(ctype, target, "deal", deal_id)):
             continue
         lines = deal.get("lines", [])
         problems = _billing_problems(st, cust, cfg, "deal", deal_id, lines, deal)
@@ -242,15 +428,15 @@ def warranted(st: dict[str, Any], cfg: FlowConfig) -> tuple[list[dict[str, Any]]
             payload |= {"address": cust.get("billing_address"),
                         "account_ref": (cust.get("external_ids") or {}).get("dispatch")}
         commands.append(_command(ctype, target, st, "deal", deal_id, deal, payload))
-    for job_id, job in sorted(st["jobs"].items()):
+    for job_id, job in each("job"):
         commands_j, exceptions_j = _job_rules(st, cust, cfg, policy, job_id, job)
         commands += commands_j
         exceptions += exceptions_j
-    for inv_id, inv in sorted(st["invoices"].items()):
+    for inv_id, inv in each("invoice"):
         commands_i, exceptions_i = _invoice_rules(st, cfg, inv_id, inv)
         commands += commands_i
         exceptions += exceptions_i
-    exceptions += _payment_rules(st)
+    exceptions += _payment_rules(st, each("payment"))
     return commands, exceptions
 
 
@@ -262,8 +448,7 @@ def _job_rules(st: dict[str, Any], cust: dict[str, Any] | None, cfg: FlowConfig,
         return commands, exceptions
     if not job.get("deal_id") or not st["customer_id"]:
         missing = " and ".join(n for n, v in (("deal", job.get("deal_id")), ("customer", st["customer_id"])) if not v)
-        candidates = [d for d, deal in sorted(st["deals"].items()) if deal.get("won") and not any(
-            j.get("deal_id") == d for j in st["jobs"].values())]
+        candidates = _jobless_won(st)
         exceptions.append(_exception(
             "unlinked_job", st, "job", job_id, job,
             f"job {job_id} was completed but names no {missing}, so its work cannot be billed to anyone",
@@ -272,7 +457,7 @@ def _job_rules(st: dict[str, Any], cust: dict[str, Any] | None, cfg: FlowConfig,
         return commands, exceptions
     if policy == "on_completion":
         cid = command_id("create_invoice", "billing", "job", job_id)
-        if cid not in st["issued"]:
+        if not sorted_has(st["issued"], cid):
             lines = job.get("lines", [])
             problems = _billing_problems(st, cust, cfg, "job", job_id, lines, job)
             if problems:
@@ -324,7 +509,7 @@ def _invoice_rules(st: dict[str, Any], cfg: FlowConfig, inv_id: str,
             f"invoice {inv_id} ({inv['amount_due_cents'] / 100:.2f} {inv['currency']}) names no deal and no job",
             [{"field": "deal_id", "value": d, "label": f"deal {d} ({deal['amount_cents'] / 100:.2f})",
               "score": 0.9 if deal["amount_cents"] == inv["amount_due_cents"] else 0.3}
-             for d, deal in sorted(st["deals"].items()) if deal.get("won")][:5]))
+             for d, deal in _first(st, "deal", "won", lambda deal: deal.get("won"))]))
     expected = None
     if inv.get("job_id") and job is not None:
         expected = _total(job.get("lines", []), cfg)
@@ -350,9 +535,9 @@ def _invoice_rules(st: dict[str, Any], cfg: FlowConfig, inv_id: str,
     return commands, exceptions
 
 
-def _payment_rules(st: dict[str, Any]) -> list[dict[str, Any]]:
+def _payment_rules(st: dict[str, Any], payments: list[tuple[str, dict[str, Any]]]) -> list[dict[str, Any]]:
     exceptions = []
-    for pay_id, pay in sorted(st["payments"].items()):
+    for pay_id, pay in payments:
         if pay.get("deleted") or not pay.get("status"):
             continue
         inv_id = pay.get("invoice_id")
@@ -362,7 +547,7 @@ def _payment_rules(st: dict[str, Any]) -> list[dict[str, Any]]:
                 f"payment {pay_id} of {pay['amount_cents'] / 100:.2f} {pay['currency']} names no invoice",
                 [{"field": "invoice_id", "value": i, "label": f"open invoice {i}",
                   "score": 0.9 if v["amount_due_cents"] == pay["amount_cents"] else 0.3}
-                 for i, v in sorted(st["invoices"].items()) if v.get("status") == "open"][:5]))
+                 for i, v in _first(st, "invoice", "open_invoices", lambda v: v.get("status") == "open")]))
         elif pay["status"] == "failed" and not invoice_paid(st, inv_id):
             exceptions.append(_exception(
                 "payment_failed", st, "payment", pay_id, pay,
@@ -372,6 +557,28 @@ def _payment_rules(st: dict[str, Any]) -> list[dict[str, Any]]:
                   "score": 0.6}, {"field": "action", "value": "contact_customer",
                                   "label": "ask the customer for a new payment method", "score": 0.4}]))
     return exceptions
+
+
+def _first(st: dict[str, Any], entity: str, listed: str, test: Callable[[dict[str, Any]], bool],
+           n: int = 5) -> list[tuple[str, dict[str, Any]]]:
+    """The first ``n`` records of ``entity`` (by id) that pass ``test``: from the index's ``listed`` if valid."""
+    records = st[COLLECTION[entity]]
+    ids = st["index"][listed] if index_valid(st) else sorted(records)
+    out = []
+    for rec_id in ids:
+        if rec_id in records and test(records[rec_id]):
+            out.append((rec_id, records[rec_id]))
+            if len(out) == n:
+                break
+    return out
+
+
+def _jobless_won(st: dict[str, Any]) -> list[str]:
+    """Won deals no job names, in order (an unlinked job's suggestions)."""
+    if index_valid(st):
+        return list(st["index"]["jobless_won"][:5])
+    linked = {j.get("deal_id") for j in st["jobs"].values()}
+    return [d for d, deal in sorted(st["deals"].items()) if deal.get("won") and d not in linked][:5]
 
 
 def _update_customer(st: dict[str, Any], cust: dict[str, Any]) -> list[dict[str, Any]]:

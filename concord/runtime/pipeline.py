@@ -32,7 +32,7 @@ from concord.contracts.deadletter import (
 from concord.contracts.validate import validate_action, validate_change, validate_control, validate_exception
 from concord.domain import guard
 from concord.domain.ids import command_id, stable_id
-from concord.domain.status import clone
+from concord.domain.status import clone, last_seq
 from concord.exceptions import (
     ConcordError,
     DecodeError,
@@ -160,6 +160,9 @@ def content_digest(event: dict[str, Any]) -> str:
     return hashlib.blake2b(body, digest_size=12).hexdigest()
 
 
+_FORWARDED_MAX = 4096  # decoded events kept for the decide stage (see Pipeline._forwarded)
+
+
 class Pipeline:
     """Decode + validate + guard (stage one, per entity) and flow rules (stage two, per customer)."""
 
@@ -178,6 +181,9 @@ class Pipeline:
         self._act = _rule("act", act) if act is not None else None
         self.max_record_bytes = max_record_bytes  # a larger input could not be forwarded: it is dead-lettered
         self.gapped: dict[int, set[bytes]] = {}  # partition -> guard keys with parked events
+        # value -> the change event the guard decoded from it and forwarded on accepted.changes, so that the
+        # decide stage, when it runs in this process, does not decode the same bytes again (each taken once)
+        self._forwarded: dict[bytes, dict[str, Any]] = {}
 
     def _apply(self, policy: ErrorPolicy, rec: Record, table: MutableMapping[bytes, Any],
                step: Callable[[Record, MutableMapping[bytes, Any]], list[Out]]) -> list[Out]:
@@ -215,6 +221,9 @@ class Pipeline:
         (gapped.add if cursor["parked"] else gapped.discard)(gkey)
         if verdict.kind == guard.APPLY:
             outs = [self._accepted(r) for r in verdict.release]
+            if len(self._forwarded) >= _FORWARDED_MAX:  # the decide stage runs elsewhere: forget the oldest
+                del self._forwarded[next(iter(self._forwarded))]
+            self._forwarded[rec.value] = event
             if before.get("gap_exception") and not cursor.get("gap_exception"):  # the gap filled itself
                 outs += self._gap_filled(before, event, rec)
             return outs
@@ -295,13 +304,15 @@ class Pipeline:
 
     def _decide_one(self, rec: Record, statuses: MutableMapping[bytes, Any]) -> list[Out]:
         src = _source(rec)
-        _, event = self.codec.decode_topic(rec.topic, rec.value)
+        event = self._forwarded.pop(rec.value, None) if rec.topic == topics.ACCEPTED.name and rec.value else None
+        if event is None:
+            _, event = self.codec.decode_topic(rec.topic, rec.value)
         validate_change(event, src[0])
         key = rec.key or customer_key(event)
         status = statuses.get(key)
         ref = f"{event['entity_type']}:{event['entity_id']}"
         blocker = self._blocker(status, event["entity_type"], event["entity_id"])
-        if blocker and event["seq"] <= status.get("seqs", {}).get(ref, -1):
+        if blocker and event["seq"] <= last_seq(status, event["entity_type"], event["entity_id"]):
             blocker = None  # delivered again after a restart: it was decided before the exception, decide it so again
         if blocker:  # a later event never overtakes the one an owner is fixing
             queue = (status.get("parked") or {}).get(ref, [])

@@ -137,3 +137,31 @@ def test_a_gap_that_fills_itself_resolves_its_exception():
     assert closed["exception_id"] == CODEC.decode(opened.value)[1]["exception_id"]
     assert closed["state"] == "resolved" and closed["resolution"]["by"] == "concord"
     assert closed["opened_at"] == 11_001 and closed["updated_at"] == 15_000
+
+
+class CountingCodec(Codec):
+    def __init__(self):
+        super().__init__()
+        self.decoded = []
+
+    def decode(self, data, schema=None):
+        self.decoded.append(data)
+        return super().decode(data, schema)
+
+
+def test_the_decide_stage_reuses_what_the_guard_decoded_and_decodes_what_it_was_not_given():
+    from concord.runtime.harness import InProcess
+    from concord.tools.bench_core import NOW, _customer, _deal
+
+    h = InProcess(now=NOW)
+    h.codec = h.pipeline.codec = CountingCodec()
+    h.feed_event(_customer("c1"))
+    value = h.codec.encode("change_event", _deal("c1", 1))
+    h.feed("changes.crm.deal", b"c1-d1", value)
+    assert h.codec.decoded.count(value) == 1  # guard decoded it; the decide stage was handed the same event
+    assert [c["type"] for c in h.commands()].count("create_invoice") == 1
+    # a forwarded record this process did not guard (its guard ran in another worker) is decoded here
+    other = h.codec.encode("change_event", _deal("c1", 2))
+    h.feed(topics.ACCEPTED.name, b"c1", other, headers={SRC_TOPIC: b"changes.crm.deal", SRC_OFFSET: b"7"})
+    assert h.codec.decoded.count(other) == 1
+    assert [c["type"] for c in h.commands()].count("create_invoice") == 2
