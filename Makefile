@@ -99,5 +99,23 @@ connect-fetch: $(CONNECT_STAMP) ## fetch Kafka Connect and the Debezium PostgreS
 # the Debezium test runs Connect against Apache Kafka: both test targets need its jars
 test test-kafka: $(CONNECT_STAMP)
 
+# Stripe's own mock server (validates requests against Stripe's OpenAPI spec): built from the Go module proxy, once.
+.PHONY: stripe-mock
+STRIPE_MOCK_VERSION := v0.203.0
+STRIPE_MOCK := $(or $(CONCORD_CACHE_DIR),$(HOME)/.cache/concord)/stripe-mock-$(STRIPE_MOCK_VERSION)/stripe-mock
+
+$(STRIPE_MOCK):
+	@if ! command -v go >/dev/null; then \
+	  echo ">> installing Debian's golang-go"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends golang-go >/dev/null; \
+	fi
+	@echo ">> building stripe-mock $(STRIPE_MOCK_VERSION) from the Go module proxy (about 1.5 min, once)"
+	GOBIN=$(dir $(STRIPE_MOCK)) go install github.com/stripe/stripe-mock@$(STRIPE_MOCK_VERSION)
+
+stripe-mock: $(STRIPE_MOCK) ## build Stripe's mock server into the cache (once); the Stripe adapter's contract tests run on it
+test test-kafka: $(STRIPE_MOCK)
+test test-kafka: export CONCORD_STRIPE_MOCK := $(STRIPE_MOCK)
+
 stack: $(STAMP) $(APT_STAMP) $(KAFKA_STAMP) $(CONNECT_STAMP) ## the compose deployment without Docker: Kafka, Connect + Debezium, relay, two workers, webhooks, adapters, Prometheus (STACK_ARGS="--fresh"); Ctrl-C stops
 	$(PY) -m concord.tools.stack $(STACK_ARGS)
