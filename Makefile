@@ -47,8 +47,11 @@ demo: $(STAMP) ## run the main job on an embedded broker with the business simul
 	@case " $(DEMO_ARGS) " in *" --serve "*) ;; *) echo ">> tip: make demo DEMO_ARGS=--serve keeps broker, worker and adapters running after the report and prints the owners' inbox address with a credential per team (Ctrl-C stops)";; esac
 	$(VENV)/bin/concord demo $(DEMO_ARGS)
 
-test: $(STAMP) $(APT_STAMP) $(KAFKA_STAMP) ## the whole suite, broker tests on the embedded broker (test-kafka: on Apache Kafka)
-	$(PY) -m pytest --brokers=tansu $(PYTEST_ARGS)
+# The broker tests mostly wait on brokers and the processes they start: TEST_WORKERS processes (xdist) share
+# them out, each with its own session brokers. TEST_WORKERS=0 runs the suite in one process.
+TEST_WORKERS ?= 3
+test: $(STAMP) $(APT_STAMP) $(KAFKA_STAMP) ## the whole suite, broker tests on the embedded broker and on Apache Kafka
+	$(PY) -m pytest -n $(TEST_WORKERS) --brokers=tansu,kafka $(PYTEST_ARGS)
 
 test-kafka: $(STAMP) $(APT_STAMP) $(KAFKA_STAMP) ## the broker tests on Apache Kafka alone (KAFKA_VERSION=3.9.2 for the 3.9 line)
 	$(PY) -m pytest -m broker --brokers=kafka-$(KAFKA_VERSION) $(PYTEST_ARGS)

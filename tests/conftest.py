@@ -67,32 +67,43 @@ def uid() -> str:
 @pytest.fixture
 def figure(request: pytest.FixtureRequest):
     """Record one measured figure; the run prints each at the end, passed or not, as `figure: ...`."""
-    return request.config.pluginmanager.get_plugin("concord-broker-matrix").figures.append
+    # carried on the test's report, so that it reaches the controller when xdist runs the test elsewhere
+    return lambda line: request.node.user_properties.append(("figure", line))
+
+
+def broker_label(nodeid: str) -> str | None:
+    """The broker of the matrix a test id ran on (its first parameter id), or None for a test without one."""
+    m = re.search(r"\[([^\]]+)\]$", nodeid)
+    if not m:
+        return None
+    first = m[1].split("-")
+    for n in range(len(first), 0, -1):  # "kafka-4.4.0-hubspot": the longest prefix that is a broker label
+        label = "-".join(first[:n])
+        if label in ("tansu", "container", "external") or re.fullmatch(r"kafka-\d+\.\d+\.\d+", label):
+            return label
+    return None
 
 
 class _Matrix:
-    """Counts passed and total broker tests per broker, for the one `broker matrix:` line."""
+    """Counts passed and total broker tests per broker, for the one `broker matrix:` line.
+
+    Everything comes from the tests' reports, the one thing a run under xdist brings back to its controller.
+    """
 
     def __init__(self) -> None:
-        self.label: dict[str, str] = {}
-        self.total: dict[str, int] = defaultdict(int)
+        self.total: dict[str, set[str]] = defaultdict(set)
         self.failed: set[str] = set()
         self.passed: set[str] = set()
         self.seconds: dict[str, float] = defaultdict(float)
         self.figures: list[str] = []
 
-    @pytest.hookimpl(trylast=True)
-    def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
-        for item in items:
-            callspec = getattr(item, "callspec", None)
-            if callspec is not None and "broker" in callspec.params:
-                self.label[item.nodeid] = callspec.params["broker"]
-                self.total[callspec.params["broker"]] += 1
-
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
-        label = self.label.get(report.nodeid)
+        if report.when == "teardown":
+            self.figures.extend(v for k, v in report.user_properties if k == "figure")
+        label = broker_label(report.nodeid)
         if label is None:
             return
+        self.total[label].add(report.nodeid)
         self.seconds[label] += report.duration
         if report.failed or report.skipped:
             self.failed.add(report.nodeid)
@@ -106,11 +117,14 @@ class _Matrix:
             return
         ok: dict[str, int] = defaultdict(int)
         for nodeid in self.passed - self.failed:
-            ok[self.label[nodeid]] += 1
+            ok[broker_label(nodeid) or ""] += 1
         terminalreporter.write_line(
-            "broker matrix: " + " ".join(f"{b}={ok[b]}/{t}" for b, t in self.total.items()))
+            "broker matrix: " + " ".join(f"{b}={ok[b]}/{len(self.total[b])}" for b in self._order()))
         terminalreporter.write_line(
-            "broker time: " + " ".join(f"{b}={self.seconds[b]:.0f}s" for b in self.total))
+            "broker time: " + " ".join(f"{b}={self.seconds[b]:.0f}s" for b in self._order()))
+
+    def _order(self) -> list[str]:
+        return sorted(self.total, key=lambda b: (b != "tansu", b))  # the same line whichever test ran first
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -6,6 +6,7 @@ import uuid
 
 import pytest
 from confluent_kafka import Producer
+from confluent_kafka.admin import AdminClient, AlterConfigOpType, ConfigEntry, ConfigResource
 from fastavro import schemaless_writer
 from kafka_helpers import CODEC, end_offsets, read_until, start_group_at_end
 
@@ -28,9 +29,25 @@ def publish(bootstrap, records):
     """Produce (topic, key, value) in order, allowing values over the usual 1 MB (the test's own producer)."""
     p = Producer({"bootstrap.servers": bootstrap, "partitioner": "murmur2_random", "linger.ms": 2,
                   "message.max.bytes": 4 * 1024 * 1024})
+    failed = []
     for topic, key, value in records:
-        p.produce(topic, key=key, value=value)
-    assert p.flush(30) == 0
+        p.produce(topic, key=key, value=value, on_delivery=lambda err, msg: err and failed.append(err))
+    assert p.flush(30) == 0 and not failed, failed
+
+
+def allow_large_records(broker, topic, limit=4 * 1024 * 1024):
+    """Let ``topic`` take records up to ``limit``, as an operator may; its dead-letter topic keeps the default.
+
+    Apache Kafka refuses a record over a topic's max.message.bytes (1 MB by default) at produce time; the
+    embedded broker has no such limit.
+    """
+    if broker.kind == "embedded":
+        return
+    admin = AdminClient({"bootstrap.servers": broker.bootstrap_servers})
+    res = ConfigResource(ConfigResource.Type.TOPIC, topic, incremental_configs=[
+        ConfigEntry("max.message.bytes", str(limit), incremental_operation=AlterConfigOpType.SET)])
+    for fut in admin.incremental_alter_configs([res]).values():
+        fut.result(30)
 
 
 def foreign_payload(event):
@@ -65,6 +82,7 @@ def test_bad_records_are_dead_lettered_and_the_worker_goes_on(broker, tmp_path, 
     watch = [topics.deadletter_topic(DEALS), topics.deadletter_topic(ACCEPTED), topics.AUDIT.name,
              "commands.billing"]
     since = end_offsets(bs, watch)
+    allow_large_records(broker, DEALS)
     port = free_port()
     with worker_process(bs, port, app_id, tmp_path / "worker.log", {"CONCORD_DATA_DIR": str(tmp_path)}) as proc:
         publish(bs, [("changes.crm.customer", cid.encode(), CODEC.encode("change_event", customer)),

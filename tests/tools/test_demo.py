@@ -12,8 +12,10 @@ import pytest
 pytestmark = pytest.mark.broker
 
 
-def _pids(pattern: str) -> set[str]:
-    out = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout
+def _pids(pattern: str, parent: int | None = None) -> set[str]:
+    """Processes whose command line matches ``pattern`` (children of ``parent`` only, when given)."""
+    out = subprocess.run(["pgrep", *(["-P", str(parent)] if parent else []), "-f", pattern],
+                         capture_output=True, text=True).stdout
     return set(out.split())
 
 
@@ -43,16 +45,16 @@ WORKER = "concord.tools.cli run"  # how the demo starts its worker
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_interrupted_demo_stops_its_broker_and_worker(tmp_path, sig):
     env = {k: v for k, v in os.environ.items() if k != "KAFKA_BOOTSTRAP_SERVERS"}  # its own embedded broker
-    before = _pids("tansu.*broker") | _pids(WORKER)
     proc = subprocess.Popen([sys.executable, "-m", "concord", "demo", "--state-dir", str(tmp_path)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and not (tmp_path / "worker.log").exists():
         time.sleep(0.2)  # the broker is up and the worker starting
-    while time.monotonic() < deadline and not (_pids(WORKER) - before):
+    while time.monotonic() < deadline and not _pids(WORKER, proc.pid):
         time.sleep(0.2)
-    mine = (_pids("tansu.*broker") | _pids(WORKER)) - before
+    # the demo's own children: other tests (in parallel too) start brokers and workers of their own
+    mine = _pids("tansu.*broker", proc.pid) | _pids(WORKER, proc.pid)
     assert len(mine) >= 2, "the demo should have started a broker and a worker"
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
