@@ -206,8 +206,19 @@ def ack(stream: Any, event: Any) -> None:
         stream._on_message_out(message.tp, message.offset, message)
 
 
+def routable(app: Any) -> asyncio.Event:
+    """Set once faust's producer knows every table changelog's partitions (see ``learn_partitions``)."""
+    event = getattr(app, "_concord_routable", None)
+    if event is None:
+        event = app._concord_routable = asyncio.Event()
+    return event
+
+
 async def learn_partitions(app: Any, names: list[str]) -> None:
-    """Fetch topics' metadata into faust's producer, which faust's web routing reads to map a key to a worker."""
+    """Fetch topics' metadata into faust's producer, which faust's web routing reads to map a key to a worker.
+
+    Until it is known, faust's routing raises (a 500): ``when_routable`` holds the routed views until then.
+    """
     from aiokafka.errors import KafkaError
 
     producer = app.producer._ensure_producer()
@@ -219,6 +230,29 @@ async def learn_partitions(app: Any, names: list[str]) -> None:
             except KafkaError:  # Kafka: not yet declared or not yet in the metadata; Tansu answered at once
                 pass
             await asyncio.sleep(0.5)
+    routable(app).set()
+
+
+def when_routable(app: Any, wait_s: float = 30.0) -> Any:
+    """Hold a view routed by table key until the worker knows where each key lives (503 if it never does).
+
+    Put it outside faust's ``table_route``: it waits for the routing metadata a worker learns at start, and
+    answers 503 with Retry-After if that is still not known after ``wait_s``.
+    """
+
+    def decorate(handler: Any) -> Any:
+        async def routed(view: Any, request: Any, **kwargs: Any) -> Any:
+            try:
+                await asyncio.wait_for(routable(app).wait(), wait_s)
+            except TimeoutError:
+                return view.json({"error": "the worker is starting: it does not yet know where each key's table "
+                                           "partition lives; try again"}, status=503, headers={"Retry-After": "5"})
+            return await handler(view, request, **kwargs)
+
+        routed.__name__, routed.__doc__ = handler.__name__, handler.__doc__
+        return routed
+
+    return decorate
 
 
 def active_partitions(app: Any, table: Any) -> set[int]:

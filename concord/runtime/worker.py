@@ -346,6 +346,7 @@ def build_app(settings: Settings, pipeline: Pipeline | None = None) -> faust.App
         return web.json({"ok": True, "app_id": settings.app_id, "config_digest": running_digest()})
 
     @app.page("/customers/{customer_id}")
+    @faust_shims.when_routable(app)
     @app.table_route(table=customer_to_status, match_info="customer_id")
     async def customer_status(web: Any, request: Any, customer_id: str) -> Any:
         status = customer_to_status.get(customer_id.encode())

@@ -92,3 +92,28 @@ def test_faust_still_recovers_tables_to_the_end_the_broker_reports():
         "self", "consumer", "tps", "destination", "title"]
     src = inspect.getsource(faust_shims._ORIGINAL.get("build_highwaters", Recovery._build_highwaters))
     assert "await consumer.highwaters(*tps)" in src and "value - 1" in src and "destination.update(" in src
+
+
+def test_a_routed_view_waits_for_the_routing_metadata_then_answers():
+    import asyncio
+    import types
+
+    class View:
+        def json(self, body, status=200, headers=None):
+            return status, body, headers or {}
+
+    async def handler(view, request, **kw):
+        return view.json({"routed": kw})
+
+    async def scenario():
+        app = types.SimpleNamespace()
+        view = faust_shims.when_routable(app, wait_s=0.05)(handler)
+        status, body, headers = await view(View(), None, customer_id="c1")
+        assert status == 503 and headers["Retry-After"] and "starting" in body["error"]  # not faust's 500
+        waiting = asyncio.ensure_future(faust_shims.when_routable(app, wait_s=5)(handler)(View(), None, k="v"))
+        await asyncio.sleep(0.05)
+        assert not waiting.done(), "a request before the metadata is known waits for it"
+        faust_shims.routable(app).set()  # what learn_partitions does once every changelog is known
+        assert await waiting == (200, {"routed": {"k": "v"}}, {})
+
+    asyncio.run(scenario())
