@@ -45,7 +45,8 @@ $(APT_STAMP): Makefile | $(STAMP)  # a new package in the list re-runs the check
 
 demo: $(STAMP) ## run the main job on an embedded broker with the business simulator, then report (DEMO_ARGS=--serve keeps it up with the owners' inbox)
 	@case " $(DEMO_ARGS) " in *" --serve "*) ;; *) echo ">> tip: make demo DEMO_ARGS=--serve keeps broker, worker and adapters running after the report and prints the owners' inbox address with a credential per team (Ctrl-C stops)";; esac
-	$(VENV)/bin/concord demo $(DEMO_ARGS)
+	@# the embedded broker, as the README promises, even where Kafka is cached (CONCORD_BROKER=kafka to try it)
+	CONCORD_BROKER=$${CONCORD_BROKER:-embedded} $(VENV)/bin/concord demo $(DEMO_ARGS)
 
 # The broker tests mostly wait on brokers and the processes they start: TEST_WORKERS processes (xdist) share
 # them out, each with its own session brokers. TEST_WORKERS=0 runs the suite in one process.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import os
 import secrets
@@ -79,10 +80,7 @@ def wait_for_http(url: str, proc: subprocess.Popen | None = None, timeout: float
 
 def run_demo(args: argparse.Namespace) -> int:
     """Run the whole demo; returns 0 when every published record is accounted for."""
-    from concord.contracts import topics
     from concord.tools.native import DEFAULT_STACK, STACKS
-    from concord.tools.report import collect, end_offsets, render, start_group_at_end, watched_topics
-    from concord.tools.simulator import LOSSES, Simulator
 
     if args.stack and not args.native:
         print("concord demo: error: --stack needs --native (the stacks are the vendors' own formats)", file=sys.stderr)
@@ -97,77 +95,89 @@ def run_demo(args: argparse.Namespace) -> int:
     with open_broker() as broker:
         say(f"{broker.kind} broker at {broker.bootstrap_servers}")
         ensure_topics(broker.bootstrap_servers)
-        port = args.web_port or free_port()
-        app_id = f"concord-demo-{int(time.time())}"
-        tokens = {team: secrets.token_urlsafe(24) for team in OWNERS}  # this run's owner credentials only
-        flows = demo_flows(state_dir, args.confirm_within)
-        env = {"CONCORD_GAP_WAIT_S": str(args.gap_wait), "CONCORD_SLA_SCALE": str(args.sla_scale),
-               "CONCORD_FLOWS": str(flows), "CONCORD_RECONCILE_INTERVAL_S": "1",
-               "CONCORD_RECONCILE_DELAY_S": str(args.confirm_within),
-               "CONCORD_OWNER_TOKENS": ",".join(f"{t}={k}" for t, k in tokens.items()),
-               "CONCORD_DATA_DIR": str(state_dir / "state"),
-               "CONCORD_CANARY_INTERVAL_S": "0"}  # the report is about the simulated business alone
-        # this run's records only: on a shared broker a new group would otherwise replay every earlier run's
-        start_group_at_end(broker.bootstrap_servers, app_id, list(topics.WORKER_INPUTS))
-        with worker_process(broker.bootstrap_servers, port, app_id, state_dir / "worker.log", env):
-            say(f"worker up (metrics on http://127.0.0.1:{port}/metrics, log {state_dir / 'worker.log'})")
-            sim = Simulator(customers=args.customers, days=args.days, seed=args.seed, faults=LOSSES)
-            sim.history()  # fills sim.injected: the losses the target systems will show
-            feed = None
-            if args.native:
-                from concord.tools.native import NativeFeed
-
-                feed = NativeFeed(sim, stack)
-                native = feed.records()  # fills feed.canonical: native ids -> the simulator's
-            loop = TargetSystems(broker.bootstrap_servers, state_dir, app_id, sim, args.confirm_within,
-                                 canonical=feed.to_canonical if feed else None)
-            connector = None
-            if feed is not None:  # the vendors' formats, through the real inbound connectors and the fetcher
-                from concord.tools.native import VendorFakes, ingest
-
-                s = feed.stack
-                say(f"simulating {args.customers} customers over {args.days} days as {stack}: {len(native)} native "
-                    f"records ({s.crm}, {s.dispatch}, Stripe API {s.stripe_version})")
-                # the real ends (the embedded broker reports its last batch's start): not an earlier run's records
-                since = read_ends(broker.bootstrap_servers, end_offsets(broker.bootstrap_servers,
-                                                                       watched_topics(native=True)))
-                with VendorFakes(feed.stack, state_dir / f"fakes-{app_id}") as vendors:
-                    say(f"loopback vendor APIs serve the fetches: {', '.join(vendors.readers)}")
-                    connector = ingest(broker.bootstrap_servers, native, progress=_progress("through the connectors"),
-                                       vendors=vendors)
-                published = connector.published
-                sample = _sample_customer(published)
-            else:
-                records = list(sim.records())
-                say(f"simulating {args.customers} customers over {args.days} days: {len(records)} records")
-                since = read_ends(broker.bootstrap_servers, end_offsets(broker.bootstrap_servers, watched_topics()))
-                published = sim.publish(broker.bootstrap_servers, records, progress=_progress("published"))
-                sample = _sample_customer(records)
-            try:
-                report = collect(broker.bootstrap_servers, published, since, timeout=args.timeout,
-                                 settle=args.gap_wait + 3, progress=_progress("accounted"), connector=connector,
-                                 follow=loop.followed, until=loop.settled)
-                fixed = resolve_sample(port, tokens, report, args.resolve)
-                if fixed:
-                    say(f"resolved {len(fixed)} exceptions as their owners would (through the API); counting again")
-                    report = collect(broker.bootstrap_servers, published, since, timeout=args.timeout, settle=2,
-                                     progress=_progress("recounted"), wait_for=set(fixed), connector=connector,
-                                     follow=loop.followed, until=loop.settled)
-                    report.owner_resolved = fixed
-            finally:
-                loop.stop()
-            report.injected = loop.injected()
-            report.faulted_flows = {j: k for k in ("unbilled_job", "late_invoice") for j in sim.injected[k]}
-            report.on_time_invoicing = _on_time(port)
-            if sample:
-                status = _status_of(port, sample)
-                say(f"concord status {sample}: {status}")
-            text = render(report)
-            print(json.dumps(report.to_dict(), indent=2, default=str) if args.json else text, flush=True)
-            if args.serve:
-                serve(broker.bootstrap_servers, port, tokens, state_dir)
-        say(f"done in {time.monotonic() - started:.1f}s; stopping worker and broker")
+        report = _demo_on(broker, args, stack, state_dir)
+        # the run's producers and consumers are gone with _demo_on's frame: none is left retrying a stopped broker
+        gc.collect()
+        say(f"done in {time.monotonic() - started:.1f}s; worker stopped, stopping the broker")
     return 0 if report.unaccounted == 0 else 1
+
+
+def _demo_on(broker: Any, args: argparse.Namespace, stack: str, state_dir: Path) -> Any:
+    """The demo on a running broker: worker, simulated business, target systems, report; returns the report."""
+    from concord.contracts import topics
+    from concord.tools.report import collect, end_offsets, render, start_group_at_end, watched_topics
+    from concord.tools.simulator import LOSSES, Simulator
+
+    port = args.web_port or free_port()
+    app_id = f"concord-demo-{int(time.time())}"
+    tokens = {team: secrets.token_urlsafe(24) for team in OWNERS}  # this run's owner credentials only
+    flows = demo_flows(state_dir, args.confirm_within)
+    env = {"CONCORD_GAP_WAIT_S": str(args.gap_wait), "CONCORD_SLA_SCALE": str(args.sla_scale),
+           "CONCORD_FLOWS": str(flows), "CONCORD_RECONCILE_INTERVAL_S": "1",
+           "CONCORD_RECONCILE_DELAY_S": str(args.confirm_within),
+           "CONCORD_OWNER_TOKENS": ",".join(f"{t}={k}" for t, k in tokens.items()),
+           "CONCORD_DATA_DIR": str(state_dir / "state"),
+           "CONCORD_CANARY_INTERVAL_S": "0"}  # the report is about the simulated business alone
+    # this run's records only: on a shared broker a new group would otherwise replay every earlier run's
+    start_group_at_end(broker.bootstrap_servers, app_id, list(topics.WORKER_INPUTS))
+    with worker_process(broker.bootstrap_servers, port, app_id, state_dir / "worker.log", env):
+        say(f"worker up (metrics on http://127.0.0.1:{port}/metrics, log {state_dir / 'worker.log'})")
+        sim = Simulator(customers=args.customers, days=args.days, seed=args.seed, faults=LOSSES)
+        sim.history()  # fills sim.injected: the losses the target systems will show
+        feed = None
+        if args.native:
+            from concord.tools.native import NativeFeed
+
+            feed = NativeFeed(sim, stack)
+            native = feed.records()  # fills feed.canonical: native ids -> the simulator's
+        loop = TargetSystems(broker.bootstrap_servers, state_dir, app_id, sim, args.confirm_within,
+                             canonical=feed.to_canonical if feed else None)
+        connector = None
+        if feed is not None:  # the vendors' formats, through the real inbound connectors and the fetcher
+            from concord.tools.native import VendorFakes, ingest
+
+            s = feed.stack
+            say(f"simulating {args.customers} customers over {args.days} days as {stack}: {len(native)} native "
+                f"records ({s.crm}, {s.dispatch}, Stripe API {s.stripe_version})")
+            # the real ends (the embedded broker reports its last batch's start): not an earlier run's records
+            since = read_ends(broker.bootstrap_servers, end_offsets(broker.bootstrap_servers,
+                                                                   watched_topics(native=True)))
+            with VendorFakes(feed.stack, state_dir / f"fakes-{app_id}") as vendors:
+                say(f"loopback vendor APIs serve the fetches: {', '.join(vendors.readers)}")
+                connector = ingest(broker.bootstrap_servers, native, progress=_progress("through the connectors"),
+                                   vendors=vendors)
+            published = connector.published
+            sample = _sample_customer(published)
+        else:
+            records = list(sim.records())
+            say(f"simulating {args.customers} customers over {args.days} days: {len(records)} records")
+            since = read_ends(broker.bootstrap_servers, end_offsets(broker.bootstrap_servers, watched_topics()))
+            published = sim.publish(broker.bootstrap_servers, records, progress=_progress("published"))
+            sample = _sample_customer(records)
+        try:
+            report = collect(broker.bootstrap_servers, published, since, timeout=args.timeout,
+                             settle=args.gap_wait + 3, progress=_progress("accounted"), connector=connector,
+                             follow=loop.followed, until=loop.settled)
+            fixed = resolve_sample(port, tokens, report, args.resolve)
+            if fixed:
+                say(f"resolved {len(fixed)} exceptions as their owners would (through the API); counting again")
+                report = collect(broker.bootstrap_servers, published, since, timeout=args.timeout, settle=2,
+                                 progress=_progress("recounted"), wait_for=set(fixed), connector=connector,
+                                 follow=loop.followed, until=loop.settled)
+                report.owner_resolved = fixed
+        finally:
+            loop.stop()
+        report.injected = loop.injected()
+        report.faulted_flows = {j: k for k in ("unbilled_job", "late_invoice") for j in sim.injected[k]}
+        report.on_time_invoicing = _on_time(port)
+        if sample:
+            status = _status_of(port, sample)
+            say(f"concord status {sample}: {status}")
+        text = render(report)
+        print(json.dumps(report.to_dict(), indent=2, default=str) if args.json else text, flush=True)
+        if args.serve:
+            serve(broker.bootstrap_servers, port, tokens, state_dir)
+    return report
 
 
 def demo_flows(state_dir: Path, confirm_within: float) -> Path:
