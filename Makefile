@@ -78,10 +78,10 @@ lint: $(STAMP) ## ruff and mypy
 	$(VENV)/bin/mypy concord connectors schemas
 
 bench: $(STAMP) ## throughput and latency on the embedded broker; prints a `bench:` line
-	$(VENV)/bin/concord bench $(BENCH_ARGS)
+	CONCORD_BROKER=$${CONCORD_BROKER:-embedded} $(VENV)/bin/concord bench $(BENCH_ARGS)
 
 chaos: $(STAMP) ## kill workers and adapters under load (SIGKILL, SIGTERM, two workers); prints a `chaos:` line
-	$(VENV)/bin/concord chaos $(CHAOS_ARGS)
+	CONCORD_BROKER=$${CONCORD_BROKER:-embedded} $(VENV)/bin/concord chaos $(CHAOS_ARGS)
 
 fuzz: $(STAMP) ## mutated vendor payloads per connector and signed hostile bodies at the receiver; prints a `fuzz:` line
 	$(PY) -m connectors.inbound.fuzz $(FUZZ_ARGS)

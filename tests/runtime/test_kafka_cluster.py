@@ -2,28 +2,42 @@
 
 from __future__ import annotations
 
+import json
+import os
 import random
+import sqlite3
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient
+from http_helpers import post, serve
 from kafka_helpers import CODEC, end_offsets, read_until, start_group_at_end
 
 from concord.contracts import topics
-from concord.runtime.broker import KafkaCluster, ensure_topics, free_port, start_kafka, wait_for_nodes
+from concord.runtime.broker import KafkaCluster, die_with_parent, ensure_topics, free_port, start_kafka, wait_for_nodes
 from concord.runtime.harness import InProcess
 from concord.tools.demo import worker_process
 from concord.tools.simulator import business
+from connectors.inbound import fuzz
+from connectors.inbound.identity import IdentityMap
+from connectors.inbound.ingest import Deduper
+from connectors.inbound.webhooks import make_app
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 NOW = 1_767_225_600_000
 FAULTS = {"missing_billing_account": 0.3, "unmapped_sku": 0.0, "missing_billing_terms": 0.0}
-OUTPUTS = [t.name for t in (*topics.COMMANDS, *topics.EXCEPTIONS, *topics.DEADLETTERS, topics.AUDIT)]
+OUTPUTS = [t.name for t in (*topics.COMMANDS, *topics.EXCEPTIONS, *topics.DEADLETTERS, topics.AUDIT,
+                            topics.COMMAND_OUTCOMES)]
 CHANGES = [t.name for t in topics.CHANGES]
 PROBE = topics.TopicSpec("test.kafka.probe", "command", "k", "test", partitions=3)
+STRIPE_CUSTOMER = json.loads((Path(__file__).resolve().parents[1] / "fixtures" / "connectors"
+                              / "stripe_customer_updated.json").read_text())
 
 
 @pytest.fixture
@@ -98,8 +112,67 @@ def _flow(c: KafkaCluster, history: list[dict], at_third: Callable[[], None], at
     return errors + ([f"{left} unacknowledged"] if left else [])
 
 
+class _Webhooks(threading.Thread):
+    """Stripe posting signed customer.updated webhooks to `concord webhooks` all along, retrying what is not 200.
+
+    Stripe retries a delivery that was not answered 2xx; each event here is retried until it is (or 40 times).
+    """
+
+    def __init__(self, base: str, uid: str) -> None:
+        super().__init__(daemon=True)
+        self.base, self.uid = base, uid
+        self.halt = threading.Event()
+        self.answers: list[int] = []  # every answer, in order
+        self.delivered: list[str] = []  # event ids answered 200
+        self.given_up: list[str] = []
+
+    def run(self) -> None:
+        n = 0
+        while not self.halt.is_set():
+            n += 1
+            evt = json.loads(json.dumps(STRIPE_CUSTOMER))
+            evt["id"] = f"evt_{self.uid}_{n}"
+            evt["data"]["object"]["id"] = f"cus_{self.uid}_{n}"
+            evt["data"]["object"]["metadata"] = {"concord_customer_id": f"wh{self.uid}-{n}"}
+            body = json.dumps(evt).encode()
+            for _ in range(40):
+                try:
+                    status, _ = post(self.base + "/webhooks/stripe", body,
+                                     fuzz.sign("stripe", body, "/webhooks/stripe", self.base))
+                except OSError:  # no answer at all: the receiver is down, which it must never be
+                    status = 0
+                self.answers.append(status)
+                if status == 200:
+                    self.delivered.append(f"stripe:{evt['id']}")
+                    break
+                time.sleep(0.5)
+            else:
+                self.given_up.append(evt["id"])
+            time.sleep(0.2)
+
+
+def _adapter(c: KafkaCluster, tmp_path, app_id: str) -> tuple[subprocess.Popen, Path]:
+    """The sandbox adapter applying the worker's commands (one effect per command id), started at the end."""
+    db = tmp_path / "sandbox.db"
+    group = f"{app_id}-adapters"
+    start_group_at_end(c.bootstrap_servers, group, [t.name for t in topics.COMMANDS])
+    log = open(tmp_path / "adapter.log", "ab")  # noqa: SIM115 - the child keeps it
+    proc = subprocess.Popen([sys.executable, "-m", "concord.tools.cli", "adapters", "--target", "sandbox", "--db",
+                             str(db), "--group", group, "--session-timeout-ms", "6000"],
+                            env={**os.environ, "KAFKA_BOOTSTRAP_SERVERS": c.bootstrap_servers}, stdout=log,
+                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=die_with_parent)
+    return proc, db
+
+
+def _effects(db: Path) -> list[str]:
+    """The command ids the sandbox applied, one row per effect."""
+    with sqlite3.connect(db) as conn:
+        return [r[0] for r in conn.execute("SELECT command_id FROM effects")]
+
+
 def _run_worker_through(c: KafkaCluster, tmp_path, uid: str, disrupt: Callable[[], tuple[Callable, Callable]]):
-    """A worker on ``c`` while a simulated month flows and ``disrupt`` strikes; returns what to check."""
+    """A worker, the sandbox adapter and the webhook receiver on ``c`` while a simulated month flows and
+    ``disrupt`` strikes; returns what to check."""
     history = _month(uid)
     expected = InProcess(now=NOW)
     for e in history:
@@ -109,18 +182,66 @@ def _run_worker_through(c: KafkaCluster, tmp_path, uid: str, disrupt: Callable[[
     env = {"CONCORD_DATA_DIR": str(tmp_path / "state"), "CONCORD_GAP_WAIT_S": "1", "CONCORD_CANARY_INTERVAL_S": "0"}
     start_group_at_end(c.bootstrap_servers, app_id, list(topics.WORKER_INPUTS))
     since_out, since_in = end_offsets(c.bootstrap_servers, OUTPUTS), end_offsets(c.bootstrap_servers, CHANGES)
-    with worker_process(c.bootstrap_servers, port, app_id, tmp_path / "worker.log", env) as proc:
-        _wait_until_consuming(c.bootstrap_servers, app_id)
-        at_third, at_two_thirds = disrupt()
-        errors = _flow(c, history, at_third, at_two_thirds)
-        got = read_until(c.bootstrap_servers, since_out, lambda got: want <= {
-            g.record["command_id"] for g in got if g.topic.startswith("commands.")}, timeout=240)
-        alive = proc.poll() is None
-    inputs = read_until(c.bootstrap_servers, since_in, lambda got: len(got) >= len(history), timeout=60)
+    receiver = make_app(c.bootstrap_servers, IdentityMap(tmp_path / "identity.json"), Deduper(), 10.0,
+                        env=dict(fuzz.SECRETS))
+    adapter, db = _adapter(c, tmp_path, app_id)
+    try:
+        with worker_process(c.bootstrap_servers, port, app_id, tmp_path / "worker.log", env) as proc, \
+                serve(receiver) as base:
+            _wait_until_consuming(c.bootstrap_servers, app_id)
+            hooks = _Webhooks(base, uid)
+            hooks.start()
+            at_third, at_two_thirds = disrupt()
+            errors = _flow(c, history, at_third, at_two_thirds)
+            got = read_until(c.bootstrap_servers, since_out, lambda got: want <= {
+                g.record["command_id"] for g in got if g.topic.startswith("commands.")} and want <= {
+                (g.record or {}).get("command_id") for g in got if g.topic == topics.COMMAND_OUTCOMES.name},
+                timeout=240)  # outcomes.commands carries the reconciler's ticks too
+            time.sleep(2)  # a few deliveries after the flow, on the recovered cluster
+            hooks.halt.set()
+            hooks.join(60)
+            alive = proc.poll() is None
+        effects = _effects(db)
+        adapter_alive = adapter.poll() is None
+    finally:
+        adapter.terminate()
+        adapter.wait(30)
+    hook = f"stripe:evt_{uid}_"  # the webhooks' events, beside the history's on the changes topics
+
+    def all_read(got: list) -> bool:
+        ids = [g.record["event_id"] for g in got if g.record]
+        return sum(not i.startswith(hook) for i in ids) >= len(history) and set(hooks.delivered) <= set(ids)
+
+    inputs = read_until(c.bootstrap_servers, since_in, all_read, timeout=60)
     issued = {g.record["command_id"] for g in got if g.topic.startswith("commands.")
               and (g.record.get("customer_id") or "").startswith(f"{uid}-")}
-    return {"want": want, "issued": issued, "errors": errors, "alive": alive,
-            "input_ids": [g.record["event_id"] for g in inputs], "history": history}
+    hook_ids = [g.record["event_id"] for g in inputs if g.record and g.record["event_id"].startswith(hook)]
+    outcomes: dict[str, set[str]] = {}
+    for g in got:
+        if g.topic == topics.COMMAND_OUTCOMES.name and (g.record or {}).get("command_id") in want:
+            outcomes.setdefault(g.record["command_id"], set()).add(g.record["outcome"])
+    return {"want": want, "issued": issued, "errors": errors, "alive": alive, "adapter_alive": adapter_alive,
+            "effects": [e for e in effects if e in want], "outcomes": outcomes, "hooks": hooks, "hook_ids": hook_ids,
+            "input_ids": [g.record["event_id"] for g in inputs if not g.record["event_id"].startswith(hook)],
+            "history": history}
+
+
+def _check_everything_went_on(out: dict) -> None:
+    """What both disruptions must leave: nothing lost, nothing doubled, every process still at work."""
+    assert not out["errors"], out["errors"][:3]
+    assert out["alive"], "the worker stopped when a broker died"
+    assert out["issued"] == out["want"] and len(out["want"]) > 30
+    assert sorted(out["input_ids"]) == sorted(e["event_id"] for e in out["history"]), "an input was lost or doubled"
+    assert out["adapter_alive"], "the adapter stopped when a broker died"
+    assert set(out["outcomes"]) == out["want"], "every command reached its adapter and has its outcome"
+    assert len(out["effects"]) == len(set(out["effects"])), "a command was applied twice"
+    applied = {cid for cid, seen in out["outcomes"].items() if "applied" in seen}
+    assert set(out["effects"]) == applied and len(applied) > 30, "an effect without its outcome, or the reverse"
+    hooks = out["hooks"]
+    assert not hooks.given_up and len(hooks.delivered) > 10, (hooks.given_up, len(hooks.delivered))
+    assert set(hooks.answers) <= {200, 503}, f"the receiver answered {set(hooks.answers)}: only 200 or 503 may be"
+    assert hooks.answers[-1] == 200
+    assert sorted(out["hook_ids"]) == sorted(hooks.delivered), "a webhook answered 200 is on its topic exactly once"
 
 
 def _wait_until_consuming(bootstrap: str, group: str, timeout: float = 120) -> None:
@@ -170,15 +291,14 @@ def test_killing_the_busiest_partitions_leader_loses_and_duplicates_nothing(clus
         probe.halt.set()
         probe.join(90)
     assert struck, "the leader was never killed"
-    assert not out["errors"], out["errors"][:3]
-    assert out["alive"], "the worker stopped when a broker died"
-    assert out["issued"] == out["want"] and len(out["want"]) > 30
-    assert sorted(out["input_ids"]) == sorted(e["event_id"] for e in out["history"]), "an input was lost or doubled"
+    _check_everything_went_on(out)
     pause = max(probe.longest_gap(p, struck["at"] - 1) for p in struck["probe"]) if struck["probe"] else None
     assert pause is not None and pause < 60, f"writes to the killed leader's partitions never resumed: {pause}"
     figure(f"failover pause: {pause:.1f}s of acks=all writes to the partitions node {struck['node']} led "
            f"(SIGKILLed as leader of {struck['tp'][0]}[{struck['tp'][1]}], restarted "
-           f"{struck['restarted'] - struck['at']:.1f}s later); {len(out['want'])} commands, none lost")
+           f"{struck['restarted'] - struck['at']:.1f}s later); {len(out['want'])} commands, none lost, each applied "
+           f"once; {len(out['hooks'].delivered)} webhooks delivered ({out['hooks'].answers.count(503)} answered 503, "
+           "retried)")
 
 
 def test_a_durable_broker_restarted_mid_stream_loses_nothing(durable, tmp_path, uid, figure):
@@ -199,9 +319,7 @@ def test_a_durable_broker_restarted_mid_stream_loses_nothing(durable, tmp_path, 
 
     out = _run_worker_through(durable, tmp_path, uid, disrupt)
     assert "back" in struck, "the broker was never restarted"
-    assert not out["errors"], out["errors"][:3]
-    assert out["alive"], "the worker stopped while the broker was away"
-    assert out["issued"] == out["want"] and len(out["want"]) > 30
-    assert sorted(out["input_ids"]) == sorted(e["event_id"] for e in out["history"]), "an input was lost or doubled"
+    _check_everything_went_on(out)
     figure(f"durable broker restart: down and back in {struck['back']:.1f}s mid-stream; "
-           f"{len(out['want'])} commands, none lost")
+           f"{len(out['want'])} commands, none lost, none applied twice; {len(out['hooks'].delivered)} webhooks "
+           f"delivered ({out['hooks'].answers.count(503)} answered 503, retried)")
