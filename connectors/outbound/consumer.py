@@ -26,7 +26,7 @@ from collections import Counter as Tally
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
 from concord.contracts.codec import Codec
 from concord.contracts.topics import COMMAND_OUTCOMES, commands_topic, deadletter_topic, exceptions_topic
@@ -292,7 +292,16 @@ class Adapter:
                             raise AdapterError(f"consumer: {msg.error()}")
                     continue
                 self.handle(Origin(msg.topic(), msg.partition(), msg.offset(), msg.key(), msg.value()))
-                consumer.commit(message=msg, asynchronous=False)
+                try:
+                    consumer.commit(message=msg, asynchronous=False)
+                except KafkaException as exc:
+                    # The group refused the commit (this member was fenced by a rebalance or a broker failover,
+                    # the coordinator moved): nothing is lost, the partition's next owner reads it again from the
+                    # last committed offset and the target recognises the command id. Only a fatal error stops.
+                    if exc.args[0].fatal():
+                        raise AdapterError(f"commit: {exc.args[0]}") from None
+                    self._say(f"commit of {msg.topic()}[{msg.partition()}]@{msg.offset()} refused "
+                              f"({exc.args[0].name()}): it will be delivered again and recognised")
                 self._pos[(msg.topic(), msg.partition())] = msg.offset() + 1
                 last_progress = time.monotonic()
         finally:

@@ -148,7 +148,7 @@ class _Webhooks(threading.Thread):
                 time.sleep(0.5)
             else:
                 self.given_up.append(evt["id"])
-            time.sleep(0.2)
+            time.sleep(0.5)
 
 
 def _adapter(c: KafkaCluster, tmp_path, app_id: str) -> tuple[subprocess.Popen, Path]:
@@ -193,13 +193,13 @@ def _run_worker_through(c: KafkaCluster, tmp_path, uid: str, disrupt: Callable[[
             hooks.start()
             at_third, at_two_thirds = disrupt()
             errors = _flow(c, history, at_third, at_two_thirds)
+            time.sleep(2)  # a few deliveries after the flow, on the recovered cluster; then Stripe is done
+            hooks.halt.set()
+            hooks.join(60)
             got = read_until(c.bootstrap_servers, since_out, lambda got: want <= {
                 g.record["command_id"] for g in got if g.topic.startswith("commands.")} and want <= {
                 (g.record or {}).get("command_id") for g in got if g.topic == topics.COMMAND_OUTCOMES.name},
                 timeout=240)  # outcomes.commands carries the reconciler's ticks too
-            time.sleep(2)  # a few deliveries after the flow, on the recovered cluster
-            hooks.halt.set()
-            hooks.join(60)
             alive = proc.poll() is None
         effects = _effects(db)
         adapter_alive = adapter.poll() is None
@@ -238,7 +238,7 @@ def _check_everything_went_on(out: dict) -> None:
     applied = {cid for cid, seen in out["outcomes"].items() if "applied" in seen}
     assert set(out["effects"]) == applied and len(applied) > 30, "an effect without its outcome, or the reverse"
     hooks = out["hooks"]
-    assert not hooks.given_up and len(hooks.delivered) > 10, (hooks.given_up, len(hooks.delivered))
+    assert not hooks.given_up and len(hooks.delivered) >= 3, (hooks.given_up, len(hooks.delivered))
     assert set(hooks.answers) <= {200, 503}, f"the receiver answered {set(hooks.answers)}: only 200 or 503 may be"
     assert hooks.answers[-1] == 200
     assert sorted(out["hook_ids"]) == sorted(hooks.delivered), "a webhook answered 200 is on its topic exactly once"
