@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from concord.contracts import topics
 from concord.contracts.codec import Codec
@@ -218,9 +218,21 @@ def start_group_at_end(bootstrap: str, group: str, names: list[str]) -> None:
 
     ends = read_ends(bootstrap, end_offsets(bootstrap, names), quiet_s=0.5)
     c = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False})
+    # a cluster just started (or just failed over) may not yet have the group's coordinator: ask again a while
+    settling = {KafkaError.NOT_COORDINATOR, KafkaError.COORDINATOR_NOT_AVAILABLE,
+                KafkaError.COORDINATOR_LOAD_IN_PROGRESS, KafkaError.REQUEST_TIMED_OUT}
+    deadline = time.monotonic() + 60
     try:
         c.assign([TopicPartition(t, p, o) for (t, p), o in ends.items()])
-        c.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in ends.items()], asynchronous=False)
+        while True:
+            try:
+                c.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in ends.items()], asynchronous=False)
+                return
+            except KafkaException as exc:
+                err = exc.args[0]
+                if not (err.retriable() or err.code() in settling) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
     finally:
         c.close()
 
