@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import types
 import weakref
+from collections.abc import Iterable
 from importlib.metadata import version
 from typing import Any
 
@@ -207,37 +208,39 @@ def ack(stream: Any, event: Any) -> None:
 
 
 def routable(app: Any) -> asyncio.Event:
-    """Set once faust's producer knows every table changelog's partitions (see ``learn_partitions``)."""
+    """Set once a table key can be mapped to its partition (see ``route_by_table_partitions``)."""
     event = getattr(app, "_concord_routable", None)
     if event is None:
         event = app._concord_routable = asyncio.Event()
     return event
 
 
-async def learn_partitions(app: Any, names: list[str]) -> None:
-    """Fetch topics' metadata into faust's producer, which faust's web routing reads to map a key to a worker.
+def route_by_table_partitions(app: Any, tables: Iterable[Any]) -> None:
+    """Map a table key to its changelog partition from the table's own partition count, then open the routed views.
 
-    Until it is known, faust's routing raises (a 500): ``when_routable`` holds the routed views until then.
+    faust's web routing asks its aiokafka producer for the changelog's partitions, which only that producer's
+    metadata holds; Concord writes changelogs through its own producer, so that metadata is fetched for routing
+    alone, and a later refresh that meets the topic without a leader (Apache Kafka, right after creating it) drops
+    it until the next refresh five minutes on: every routed request raised meanwhile. The changelog was declared
+    with the table's partition count (checked at start), so the partition follows from the key as the default
+    partitioner computes it, with no metadata.
     """
-    from aiokafka.errors import KafkaError
+    counts = {t.changelog_topic.get_topic_name(): t.partitions for t in tables}
+    fallback = app.producer.key_partition
 
-    producer = app.producer._ensure_producer()
-    for name in names:
-        while True:
-            try:
-                if await producer.partitions_for(name):
-                    break
-            except KafkaError:  # Kafka: not yet declared or not yet in the metadata; Tansu answered at once
-                pass
-            await asyncio.sleep(0.5)
+    def key_partition(topic: str, key: bytes) -> TP:
+        n = counts.get(topic)
+        return fallback(topic, key) if n is None else TP(topic, (murmur2(key) & 0x7FFFFFFF) % n)
+
+    app.producer.key_partition = key_partition
     routable(app).set()
 
 
 def when_routable(app: Any, wait_s: float = 30.0) -> Any:
     """Hold a view routed by table key until the worker knows where each key lives (503 if it never does).
 
-    Put it outside faust's ``table_route``: it waits for the routing metadata a worker learns at start, and
-    answers 503 with Retry-After if that is still not known after ``wait_s``.
+    Put it outside faust's ``table_route``: it waits until the worker set up its routing at start, and
+    answers 503 with Retry-After if that is still not done after ``wait_s``.
     """
 
     def decorate(handler: Any) -> Any:

@@ -246,10 +246,8 @@ def build_app(settings: Settings, pipeline: Pipeline | None = None) -> faust.App
         canary.start()
         app.canary = canary  # type: ignore[attr-defined]
 
-    @app.task
-    async def learn_changelog_partitions() -> None:
-        """Let faust route web requests by key although outputs and changelogs go through Concord's producer."""
-        await faust_shims.learn_partitions(app, [t.changelog_topic.get_topic_name() for t in indexes])
+    # faust routes web requests by key; changelogs go through Concord's producer, so faust's knows none of them
+    faust_shims.route_by_table_partitions(app, list(indexes))
 
     @app.task
     async def quiet_libraries() -> None:

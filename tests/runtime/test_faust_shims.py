@@ -113,7 +113,31 @@ def test_a_routed_view_waits_for_the_routing_metadata_then_answers():
         waiting = asyncio.ensure_future(faust_shims.when_routable(app, wait_s=5)(handler)(View(), None, k="v"))
         await asyncio.sleep(0.05)
         assert not waiting.done(), "a request before the metadata is known waits for it"
-        faust_shims.routable(app).set()  # what learn_partitions does once every changelog is known
+        faust_shims.routable(app).set()  # what route_by_table_partitions does at start
         assert await waiting == (200, {"routed": {"k": "v"}}, {})
 
     asyncio.run(scenario())
+
+
+def test_routing_maps_a_key_to_its_changelog_partition_without_the_clients_metadata():
+    import types
+
+    from aiokafka.partitioner import DefaultPartitioner
+    from faust.types import TP
+
+    def no_metadata(topic, key):  # aiokafka's answer when its metadata lacks the topic
+        raise TypeError("'NoneType' object is not iterable")
+
+    def table(name, partitions):
+        return types.SimpleNamespace(partitions=partitions,
+                                     changelog_topic=types.SimpleNamespace(get_topic_name=lambda: name))
+
+    app = types.SimpleNamespace(producer=types.SimpleNamespace(key_partition=no_metadata))
+    faust_shims.route_by_table_partitions(app, [table("a-status-changelog", 8), table("a-exc-changelog", 3)])
+    assert faust_shims.routable(app).is_set()
+    partitioner = DefaultPartitioner()
+    for key in (b"cust-1", b"cust-2", b"x" * 40, "kund-\u00e4".encode()):
+        for name, n in (("a-status-changelog", 8), ("a-exc-changelog", 3)):
+            assert app.producer.key_partition(name, key) == TP(name, partitioner(key, list(range(n)), list(range(n))))
+    with pytest.raises(TypeError):  # another topic is still the client's to map
+        app.producer.key_partition("elsewhere", b"k")
