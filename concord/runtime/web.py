@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import logging
 import time
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, unquote, urlencode
 
 import faust
+from aiohttp import web as aioweb
 from faust.web import View
 
 from concord.exceptions import ConcordError
@@ -24,6 +26,7 @@ STATIC = Path(__file__).resolve().parent.parent / "owners" / "static"
 STATIC_TYPES = {".css": "text/css", ".js": "text/javascript", ".svg": "image/svg+xml"}
 BULK_OPS = ("replay", "resolve", "discard")
 # Pages load only what the worker itself serves: no CDN, no inline script, no framing by other sites.
+log = logging.getLogger("concord.web")
 CSP = "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; frame-ancestors 'none'"
 
 
@@ -35,8 +38,24 @@ def _samples() -> list[tuple[str, dict[str, str], float]]:
     return [(s.name, dict(s.labels), s.value) for m in metrics.REGISTRY.collect() for s in m.samples]
 
 
+@aioweb.middleware
+async def unexpected_errors(request: Any, handler: Any) -> Any:
+    """A view that fails unexpectedly is logged with its traceback and answers 500 naming the error.
+
+    Without it aiohttp answers a bare "Internal Server Error", and a caller cannot tell a fault from another.
+    """
+    try:
+        return await handler(request)
+    except aioweb.HTTPException:
+        raise
+    except Exception as exc:
+        log.exception("%s %s failed", request.method, request.path)
+        return aioweb.json_response({"error": f"internal error: {type(exc).__name__}: {exc}"}, status=500)
+
+
 def register_views(app: faust.App, desk: Desk) -> None:
     """The HTTP API (/exceptions...) and the owners' workspace (/inbox...) on the worker's web server."""
+    app.web.web_app.middlewares.append(unexpected_errors)  # type: ignore[attr-defined]
     links = load_links()
 
     def refused(view: View, exc: Refused) -> Any:
