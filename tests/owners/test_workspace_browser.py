@@ -84,6 +84,13 @@ def eventually(check, what, timeout=60):
         time.sleep(0.3)
 
 
+def page_shows(driver, wanted):
+    """What the browser shows instead of ``wanted``, for a failure's message."""
+    from selenium.webdriver.common.by import By
+
+    return f"{wanted}; the browser shows {driver.current_url}: {driver.find_element(By.TAG_NAME, 'body').text[:1500]}"
+
+
 def tab_reaches(driver, wanted, limit=80):
     """Press Tab from the top of the page until every element id in ``wanted`` had the focus once."""
     from selenium.webdriver.common.action_chains import ActionChains
@@ -177,10 +184,12 @@ def test_sign_in_filter_open_an_item_assign_bulk_replay_and_reconcile(broker, wo
     driver.find_element(By.ID, "bulk-open").send_keys(Keys.ENTER)  # <details> opens from the keyboard
     assert driver.find_element(By.ID, "op-replay").is_selected()
     driver.find_element(By.ID, "bulk-dry-run").click()
-    assert driver.find_element(By.ID, "dry-run-count").text == "3"
+    assert eventually(lambda: driver.find_elements(By.ID, "dry-run-count"),
+                      lambda: page_shows(driver, "the dry run"))[0].text == "3"
     driver.save_screenshot(str(tmp_path / "bulk-dry-run.png"))
-    driver.find_element(By.ID, "bulk-confirm").click()
-    assert driver.find_element(By.ID, "bulk-accepted").text == "3"
+    driver.find_element(By.ID, "bulk-confirm").click()  # the page comes once the three actions are published
+    assert eventually(lambda: driver.find_elements(By.ID, "bulk-accepted"),
+                      lambda: page_shows(driver, "the bulk result"))[0].text == "3"
     assert driver.find_element(By.ID, "bulk-refused").text == "0"
     deals = {f"{c}-deal" for c in bulk}
     got = read_until(bs, since, lambda got: {g.record["entity_id"] for g in got if g.topic == "commands.billing"
