@@ -92,6 +92,26 @@ def read_ends(bootstrap: str, ends: dict[tuple[str, int], int], quiet_s: float =
     return out
 
 
+def terminate(proc: subprocess.Popen | None, timeout: float = 15.0, group: bool = False) -> None:
+    """SIGTERM (to its whole process group with ``group``), then SIGKILL if it has not gone after ``timeout``."""
+    if proc is None or proc.poll() is not None:
+        return
+
+    def send(sig: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            if group:
+                os.killpg(proc.pid, sig)
+            else:
+                proc.send_signal(sig)
+
+    send(signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        send(signal.SIGKILL)
+        proc.wait(10)
+
+
 def die_with_parent() -> None:
     """``preexec_fn`` for a child that must not outlive this process: its own session, SIGTERM when we die.
 
@@ -132,13 +152,7 @@ def start_embedded(host: str = "127.0.0.1", port: int | None = None, log_path: P
     )
 
     def stop() -> None:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
+        terminate(proc, 5)
         log.close()
 
     broker = Broker(f"{host}:{port}", "embedded", [stop])
@@ -261,12 +275,7 @@ class KafkaNode:
 
     def stop(self) -> None:
         """Shut it down cleanly, then kill it if it does not go."""
-        if self.alive():
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.kill()
+        terminate(self.proc, 30)
 
 
 @dataclass
@@ -482,13 +491,7 @@ class ConnectWorker:
 
     def stop(self) -> None:
         """Stop the worker (SIGTERM, then SIGKILL) and remove its files if it made them."""
-        if self.alive():
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        terminate(self.proc, 30)
         if self._owned:
             shutil.rmtree(self.workdir, ignore_errors=True)
 

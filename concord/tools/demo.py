@@ -8,7 +8,6 @@ import gc
 import json
 import os
 import secrets
-import signal
 import subprocess
 import sys
 import threading
@@ -21,7 +20,7 @@ from typing import Any
 from concord.contracts.topics import OWNERS
 from concord.exceptions import ConcordError
 from concord.owners.cli import call_api
-from concord.runtime.broker import die_with_parent, ensure_topics, free_port, open_broker, read_ends
+from concord.runtime.broker import die_with_parent, ensure_topics, free_port, open_broker, read_ends, terminate
 
 # Reasons the demo's owners fix by taking Concord's first suggestion (or, for a gap, releasing it).
 FIXABLE = ("missing_billing_account", "unmapped_sku", "sequence_gap")
@@ -51,17 +50,8 @@ def worker_process(bootstrap: str, web_port: int, app_id: str, log_path: Path,
 
 
 def stop_process(proc: subprocess.Popen, timeout: float = 15) -> None:
-    """SIGTERM, then SIGKILL if it will not stop."""
-    if proc.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(5)
+    """SIGTERM to its process group, then SIGKILL if it will not stop."""
+    terminate(proc, timeout, group=True)
 
 
 def wait_for_http(url: str, proc: subprocess.Popen | None = None, timeout: float = 60) -> bytes:
