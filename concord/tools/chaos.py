@@ -14,7 +14,6 @@ import json
 import os
 import random
 import signal
-import sqlite3
 import subprocess
 import sys
 import threading
@@ -34,6 +33,7 @@ from concord.runtime.harness import InProcess
 from concord.tools.demo import stop_process, wait_for_http
 from concord.tools.report import end_offsets, start_group_at_end
 from concord.tools.simulator import Simulator
+from connectors.outbound.sandbox import applied_effects
 
 # Faults whose outcome is the same whatever the timing; sequence gaps wait on a clock, so they are left out.
 FAULTS = {"sequence_gap": 0.0}
@@ -164,11 +164,8 @@ class Campaign:
         wait_for_http(f"http://127.0.0.1:{self.ports[i]}/healthz", self.procs[i], timeout=90)
 
     def start_adapter(self) -> None:
-        log = open(self.state_dir / "adapter.log", "ab")  # noqa: SIM115 - the child keeps it
-        self.adapter = subprocess.Popen(
-            [sys.executable, "-m", "concord.tools.cli", "adapters", "--target", "sandbox", "--db", str(self.db),
-             "--group", f"{self.app_id}-adapters", "--session-timeout-ms", "6000"], env=self.env, stdout=log,
-            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=die_with_parent)
+        self.adapter = start_sandbox_adapter(self.env, self.db, f"{self.app_id}-adapters",
+                                             self.state_dir / "adapter.log")
 
     def kill(self, proc: subprocess.Popen, sig: int) -> None:
         os.killpg(proc.pid, sig)
@@ -302,13 +299,21 @@ class Campaign:
         """(command ids applied more than once, issued command ids never applied) in the sandbox."""
         deadline = time.monotonic() + 60
         while True:
-            with sqlite3.connect(self.db) as db:
-                rows = [r[0] for r in db.execute("SELECT command_id FROM effects")]
+            rows = applied_effects(self.db)
             applied = [r for r in rows if r in want]
             missing = want - set(applied)
             if not missing or time.monotonic() > deadline:
                 return len(applied) - len(set(applied)), len(missing)
             time.sleep(0.5)
+
+
+def start_sandbox_adapter(env: dict[str, str], db: Path, group: str, log_path: Path) -> subprocess.Popen:
+    """The sandbox adapter (one effect per command id, in ``db``) as its own process, in consumer group ``group``."""
+    log = open(log_path, "ab")  # noqa: SIM115 - the child keeps it
+    return subprocess.Popen(
+        [sys.executable, "-m", "concord.tools.cli", "adapters", "--target", "sandbox", "--db", str(db),
+         "--group", group, "--session-timeout-ms", "6000"], env=env, stdout=log,
+        stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=die_with_parent)
 
 
 def _get_json(url: str) -> Any:

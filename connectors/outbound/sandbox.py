@@ -221,6 +221,12 @@ class SandboxTarget:
         self.conn.close()
 
 
+def applied_effects(db: Path) -> list[str]:
+    """The command ids a sandbox database applied, one per effect (a command applied twice shows twice)."""
+    with sqlite3.connect(db) as conn:
+        return [r[0] for r in conn.execute("SELECT command_id FROM effects")]
+
+
 def echo_event(cmd: Command, ref: str, now: int, seq: int) -> dict[str, Any] | None:
     """The owning system's own change event for a command the sandbox applied, carrying the command id.
 

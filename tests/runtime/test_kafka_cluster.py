@@ -5,9 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
-import sqlite3
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -20,14 +18,16 @@ from http_helpers import post, serve
 from kafka_helpers import CODEC, end_offsets, read_until, start_group_at_end
 
 from concord.contracts import topics
-from concord.runtime.broker import KafkaCluster, die_with_parent, ensure_topics, free_port, start_kafka, wait_for_nodes
+from concord.runtime.broker import KafkaCluster, ensure_topics, free_port, start_kafka, wait_for_nodes
 from concord.runtime.harness import InProcess
+from concord.tools.chaos import start_sandbox_adapter
 from concord.tools.demo import worker_process
 from concord.tools.simulator import business
 from connectors.inbound import fuzz
 from connectors.inbound.identity import IdentityMap
 from connectors.inbound.ingest import Deduper
 from connectors.inbound.webhooks import make_app
+from connectors.outbound.sandbox import applied_effects
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 NOW = 1_767_225_600_000
@@ -153,21 +153,10 @@ class _Webhooks(threading.Thread):
 
 def _adapter(c: KafkaCluster, tmp_path, app_id: str) -> tuple[subprocess.Popen, Path]:
     """The sandbox adapter applying the worker's commands (one effect per command id), started at the end."""
-    db = tmp_path / "sandbox.db"
-    group = f"{app_id}-adapters"
+    db, group = tmp_path / "sandbox.db", f"{app_id}-adapters"
     start_group_at_end(c.bootstrap_servers, group, [t.name for t in topics.COMMANDS])
-    log = open(tmp_path / "adapter.log", "ab")  # noqa: SIM115 - the child keeps it
-    proc = subprocess.Popen([sys.executable, "-m", "concord.tools.cli", "adapters", "--target", "sandbox", "--db",
-                             str(db), "--group", group, "--session-timeout-ms", "6000"],
-                            env={**os.environ, "KAFKA_BOOTSTRAP_SERVERS": c.bootstrap_servers}, stdout=log,
-                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=die_with_parent)
-    return proc, db
-
-
-def _effects(db: Path) -> list[str]:
-    """The command ids the sandbox applied, one row per effect."""
-    with sqlite3.connect(db) as conn:
-        return [r[0] for r in conn.execute("SELECT command_id FROM effects")]
+    env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": c.bootstrap_servers}
+    return start_sandbox_adapter(env, db, group, tmp_path / "adapter.log"), db
 
 
 def _run_worker_through(c: KafkaCluster, tmp_path, uid: str, disrupt: Callable[[], tuple[Callable, Callable]]):
@@ -201,7 +190,7 @@ def _run_worker_through(c: KafkaCluster, tmp_path, uid: str, disrupt: Callable[[
                 (g.record or {}).get("command_id") for g in got if g.topic == topics.COMMAND_OUTCOMES.name},
                 timeout=240)  # outcomes.commands carries the reconciler's ticks too
             alive = proc.poll() is None
-        effects = _effects(db)
+        effects = applied_effects(db)
         adapter_alive = adapter.poll() is None
     finally:
         adapter.terminate()
