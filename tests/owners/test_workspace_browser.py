@@ -84,6 +84,14 @@ def eventually(check, what, timeout=60):
         time.sleep(0.3)
 
 
+def text_of(driver, element_id):
+    """The text of the element with this id, or "" while the page (a form's answer, say) is not there yet."""
+    from selenium.webdriver.common.by import By
+
+    found = driver.find_elements(By.ID, element_id)
+    return found[0].text if found else ""
+
+
 def page_shows(driver, wanted):
     """What the browser shows instead of ``wanted``, for a failure's message."""
     from selenium.webdriver.common.by import By
@@ -145,7 +153,7 @@ def test_sign_in_filter_open_an_item_assign_bulk_replay_and_reconcile(broker, wo
     # filter: one reason, one set of customers
     Select(driver.find_element(By.ID, "f-reason")).select_by_value("missing_billing_account")
     driver.find_element(By.ID, "f-customer").send_keys(f"bk{uid}", Keys.ENTER)
-    eventually(lambda: "3 matching" in driver.find_element(By.ID, "count").text, "3 matching after filtering")
+    eventually(lambda: "3 matching" in text_of(driver, "count"), lambda: page_shows(driver, "3 matching, filtered"))
     rows = driver.find_elements(By.CSS_SELECTOR, "#queue tbody tr")
     assert sorted(r.get_attribute("id") for r in rows) == sorted(f"x-{eids[c]}" for c in bulk)
     assert all(r.get_attribute("data-reason") == "missing_billing_account" for r in rows)
@@ -169,7 +177,7 @@ def test_sign_in_filter_open_an_item_assign_bulk_replay_and_reconcile(broker, wo
     tab_reaches(driver, {"resolve", "ack", "assign", "discard"})
     driver.save_screenshot(str(tmp_path / "item.png"))
     driver.find_element(By.ID, "assignee-input").send_keys("bob", Keys.ENTER)
-    assert "assigned to bob" in driver.find_element(By.ID, "msg").text
+    eventually(lambda: "assigned to bob" in text_of(driver, "msg"), lambda: page_shows(driver, "assigned to bob"))
 
     def assigned():
         driver.refresh()
@@ -330,7 +338,7 @@ def test_the_lists_quick_fix_resolves_with_a_real_click(broker, worker, driver, 
     assert "missing_billing_account" in item.text and f"cus_{cid}" in item.text
     item.find_element(By.CSS_SELECTOR, "form.resolve input[name=choose][value='1']").click()
     item.find_element(By.CSS_SELECTOR, "form.resolve button.resolve-btn").click()
-    assert "accepted" in driver.find_element(By.ID, "msg").text
+    eventually(lambda: "accepted" in text_of(driver, "msg"), lambda: page_shows(driver, "the resolution accepted"))
     got = read_until(bs, since, lambda got: any(g.topic == "commands.billing" and g.record["type"] == "create_invoice"
                                                 and g.record["entity_id"] == deal for g in got), timeout=90)
     [inv] = [g.record for g in got if g.topic == "commands.billing" and g.record["type"] == "create_invoice"
