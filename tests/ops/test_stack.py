@@ -101,7 +101,8 @@ def worker_errors(live: Live) -> str:
     for log in sorted(live.worker_log.parent.glob("worker-*.log")):
         lines = log.read_text(errors="replace").splitlines()
         marks = [i for i, line in enumerate(lines) if "Traceback" in line or " ERROR " in line or "[ERROR]" in line]
-        out.append(f"--- {log.name}:\n" + "\n".join(lines[marks[-1] - 5:marks[-1] + 40] if marks else lines[-20:]))
+        shown = lines[max(0, marks[-1] - 5):marks[-1] + 40] if marks else lines[-20:]
+        out.append(f"--- {log.name}:\n" + "\n".join(shown))
     return "\n".join(out)
 
 
