@@ -48,7 +48,7 @@ class Settings(BaseModel):
     advertised_url: str | None = Field(None, description="how other workers reach this one (table routing)")
     store: str = Field("memory://", description="faust table store: memory:// or rocksdb://")
     data_dir: Path = Path(".concord")
-    session_timeout_s: float = Field(8.0, gt=0)
+    session_timeout_s: float = Field(6.0, gt=0)
     fetch_max_wait_ms: int = Field(20, ge=1, le=10_000)
     producer_linger_ms: int = Field(2, ge=0)
     batch_size: int = Field(500, ge=1)
