@@ -11,7 +11,8 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 
 from concord.contracts import topics
 from concord.contracts.codec import Codec
-from concord.tools.report import end_offsets, start_group_at_end  # noqa: F401 - re-exported for the tests
+from concord.runtime.broker import ensure_topics
+from concord.tools.report import end_offsets, start_deployment_at_end, start_group_at_end  # noqa: F401 - re-exported
 
 CODEC = Codec()
 
@@ -56,6 +57,24 @@ def read_until(bootstrap: str, since: dict[tuple[str, int], int], done: Callable
     for g in got:
         summary[g.topic] = summary.get(g.topic, 0) + 1
     raise AssertionError(f"condition not met within {timeout:.0f}s; read {summary}")
+
+
+def deployment(bootstrap: str, app_id: str) -> topics.Deployment:
+    """The topics of the deployment ``app_id``, its own ones (internal topics and their dead letters) created."""
+    names = topics.Deployment(app_id)
+    ensure_topics(bootstrap, names.specs)
+    return names
+
+
+def committed(bootstrap: str, group: str, names: list[str]) -> dict[tuple[str, int], int]:
+    """The offsets consumer group ``group`` committed on every partition of ``names`` (negative: none)."""
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False})
+    try:
+        md = c.list_topics(timeout=10)
+        tps = [TopicPartition(t, p) for t in names for p in md.topics[t].partitions]
+        return {(tp.topic, tp.partition): tp.offset for tp in c.committed(tps, timeout=10)}
+    finally:
+        c.close()
 
 
 def produce(bootstrap: str, records: list[tuple[str, bytes, bytes]]) -> None:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, replace
+from functools import cached_property
+
+from concord.exceptions import ConfigError
 
 PARTITIONS = 4
 
@@ -48,8 +52,8 @@ def commands_topic(target: str) -> str:
     return f"commands.{target}"
 
 
-def exceptions_topic(owner: str) -> str:
-    """The exception queue of one owner team."""
+def exceptions_base(owner: str) -> str:
+    """The base name of one owner team's exception queue (a deployment prefixes it: Deployment.exceptions)."""
     return f"exceptions.{owner}"
 
 
@@ -61,6 +65,8 @@ DEADLETTERS = tuple(
     TopicSpec(deadletter_topic(t.name), "dead_letter", "original key", f"records of {t.name} that failed")
     for t in CHANGES
 )
+# Internal topics: each deployment (app id) has its own, named <app id>-<base name> (see Deployment), as Kafka
+# Streams names its internal topics; the declarations here carry the base names.
 ACCEPTED = TopicSpec(
     "accepted.changes", "change_event", "customer_id",
     "events the ordering guard applied, re-keyed by customer for the status table",
@@ -74,7 +80,7 @@ COMMAND_DEADLETTERS = tuple(
     for t in COMMANDS
 )
 EXCEPTIONS = tuple(
-    TopicSpec(exceptions_topic(o), "exception", "exception_id", f"exception queue of {o}") for o in OWNERS
+    TopicSpec(exceptions_base(o), "exception", "exception_id", f"exception queue of {o}") for o in OWNERS
 )
 INGEST_SOURCES: tuple[str, ...] = ("salesforce", "hubspot", "stripe", "debezium", "jobber", "csv", "canonical")
 INGEST_DEADLETTERS = tuple(
@@ -98,28 +104,115 @@ AUDIT = TopicSpec("audit.decisions", "decision", "trace_id", "every decision Con
 CONFIG_CHANGES = TopicSpec("audit.config_changes", "config_change", "the new configuration digest",
                            "applied flow and routing configuration changes: who approved, when, what they change",
                            partitions=1)
-INTERNAL_DEADLETTERS = tuple(
-    TopicSpec(deadletter_topic(t.name), "dead_letter", "original key", f"records of {t.name} a worker could not "
-              "use, with the original bytes")
-    for t in (GUARD_CONTROLS, ACCEPTED, EXCEPTION_ACTIONS, *EXCEPTIONS)
-)
+INTERNAL: tuple[TopicSpec, ...] = (GUARD_CONTROLS, ACCEPTED, EXCEPTION_ACTIONS, *EXCEPTIONS)
 
+# The topics every deployment on a cluster shares: the source systems' changes, the target systems' commands and
+# their outcomes, the audit trail and the dead letters of those.
 ALL: tuple[TopicSpec, ...] = (
-    *CHANGES, *DEADLETTERS, *INGEST_DEADLETTERS, ACCEPTED, GUARD_CONTROLS, *COMMANDS, *COMMAND_DEADLETTERS,
-    *EXCEPTIONS,
-    EXCEPTION_ACTIONS, COMMAND_OUTCOMES, AUDIT, CONFIG_CHANGES, *INTERNAL_DEADLETTERS,
-)
-# What a worker's consumer group reads: stage one, stage two and the exception tracker.
-WORKER_INPUTS: tuple[str, ...] = (
-    *(t.name for t in CHANGES), GUARD_CONTROLS.name, ACCEPTED.name, EXCEPTION_ACTIONS.name, COMMAND_OUTCOMES.name,
-    *(t.name for t in EXCEPTIONS),
+    *CHANGES, *DEADLETTERS, *INGEST_DEADLETTERS, *COMMANDS, *COMMAND_DEADLETTERS, COMMAND_OUTCOMES, AUDIT,
+    CONFIG_CHANGES,
 )
 BY_NAME: dict[str, TopicSpec] = {t.name: t for t in ALL}
+# An app id is a topic prefix; one that starts with "deadletter." would name its internal topics as another
+# deployment's dead letters (deadletter.x-exceptions.finance is x's), so it is refused.
+_APP_ID = re.compile(r"(?!deadletter\.)[A-Za-z0-9._-]{1,150}")
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """The topic names of one deployment (one app id).
+
+    Its internal topics carry its app id, so two deployments on one cluster (or a demo beside production) never
+    read or act on each other's records.
+    """
+
+    app_id: str
+
+    def __post_init__(self) -> None:
+        if not _APP_ID.fullmatch(self.app_id):
+            raise ConfigError(f"app id {self.app_id!r}: a topic prefix takes 1-150 of A-Z a-z 0-9 . _ - and does "
+                              "not start with deadletter.")
+
+    def name(self, base: str) -> str:
+        """The deployment's name for the internal topic ``base``."""
+        return f"{self.app_id}-{base}"
+
+    @property
+    def accepted(self) -> str:
+        return self.name(ACCEPTED.name)
+
+    @property
+    def guard_controls(self) -> str:
+        return self.name(GUARD_CONTROLS.name)
+
+    @property
+    def exception_actions(self) -> str:
+        return self.name(EXCEPTION_ACTIONS.name)
+
+    def exceptions(self, owner: str) -> str:
+        """One owner team's exception queue."""
+        return self.name(exceptions_base(owner))
+
+    @cached_property
+    def exception_queues(self) -> tuple[str, ...]:
+        return tuple(self.exceptions(o) for o in OWNERS)
+
+    @cached_property
+    def specs(self) -> tuple[TopicSpec, ...]:
+        """The internal topics and their dead-letter topics, under this deployment's names."""
+        own = tuple(replace(t, name=self.name(t.name)) for t in INTERNAL)
+        dead = tuple(TopicSpec(deadletter_topic(t.name), "dead_letter", "original key", f"records of {t.name} a "
+                               "worker could not use, with the original bytes") for t in own)
+        return (*own, *dead)
+
+    @cached_property
+    def topics(self) -> tuple[TopicSpec, ...]:
+        """Every topic the deployment uses: the shared ones and its own."""
+        return (*ALL, *self.specs)
+
+    @cached_property
+    def worker_inputs(self) -> tuple[str, ...]:
+        """What the deployment's worker group reads: stage one, stage two and the exception tracker."""
+        return (*(t.name for t in CHANGES), self.guard_controls, self.accepted, self.exception_actions,
+                COMMAND_OUTCOMES.name, *self.exception_queues)
+
+    def base(self, topic: str) -> str | None:
+        """The base name of one of this deployment's internal topics; None for any other topic."""
+        prefix = f"{self.app_id}-"
+        return topic[len(prefix):] if topic.startswith(prefix) and topic[len(prefix):] in _INTERNAL_BASES else None
+
+
+_INTERNAL_BASES = frozenset(t.name for t in INTERNAL)
+
+
+def internal_base(name: str) -> str | None:
+    """The base name of any deployment's internal topic, None for a shared topic or an undeclared one.
+
+    ``exceptions.finance`` for ``<app id>-exceptions.finance``.
+    """
+    for base in _INTERNAL_BASES:
+        app_id = name.removesuffix(f"-{base}")
+        if app_id != name and _APP_ID.fullmatch(app_id):
+            return base
+    return None
+
+
+def is_exception_queue(name: str) -> bool:
+    """Whether ``name`` is an owner team's exception queue of any deployment."""
+    return (internal_base(name) or "").startswith("exceptions.")
 
 
 def spec(name: str) -> TopicSpec:
-    """The declaration of topic ``name``; KeyError names the topic when it is not declared."""
-    try:
-        return BY_NAME[name]
-    except KeyError:
-        raise KeyError(f"topic {name!r} is not declared in concord/contracts/topics.py") from None
+    """The declaration of topic ``name`` (a shared one, or any deployment's internal one or its dead letters).
+
+    KeyError names the topic when it is not declared.
+    """
+    found = BY_NAME.get(name)
+    if found is None:
+        inner = name.removeprefix("deadletter.")
+        base = internal_base(inner)
+        if base is not None:
+            found = next(t for t in Deployment(inner.removesuffix(f"-{base}")).specs if t.name == name)
+    if found is None:
+        raise KeyError(f"topic {name!r} is not declared in concord/contracts/topics.py")
+    return found

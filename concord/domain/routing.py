@@ -108,6 +108,11 @@ class Routing(BaseModel):
         }
 
 
+def sla_ran_out(record: dict[str, Any], now: int) -> bool:
+    """Whether an exception is due for escalation: still with its owner (open or acknowledged) past its deadline."""
+    return record["state"] in ("open", "acknowledged") and record["sla_deadline"] <= now
+
+
 @lru_cache(maxsize=4)
 def _load(path: str) -> Routing:
     return load_model(Path(path), Routing)

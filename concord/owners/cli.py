@@ -110,14 +110,18 @@ def _trace(args: argparse.Namespace) -> int:
     bootstrap = args.bootstrap or os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
     if not bootstrap:
         raise ConcordError("no broker: pass --bootstrap or set KAFKA_BOOTSTRAP_SERVERS")
-    names = [topics.AUDIT.name, *(t.name for t in topics.COMMANDS), topics.COMMAND_OUTCOMES.name,
-             *(t.name for t in topics.EXCEPTIONS)]
+    queues = topics.Deployment(args.app_id).exception_queues
+    names = [topics.AUDIT.name, *(t.name for t in topics.COMMANDS), topics.COMMAND_OUTCOMES.name, *queues]
     c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"concord-trace-{uuid.uuid4().hex[:8]}",
                   "enable.auto.commit": False})
     codec = Codec()
     rows: list[tuple[int, str]] = []
     try:
         md = c.list_topics(timeout=10)
+        missing = [t for t in names if t not in md.topics]
+        if missing:  # a wrong --app-id names exception queues no worker created
+            raise ConcordError(f"no topic {', '.join(missing)} on {bootstrap}: is --app-id {args.app_id!r} the "
+                               "worker's app id?")
         ends = {(t, p): c.get_watermark_offsets(TopicPartition(t, p), timeout=10)[1]
                 for t in names for p in md.topics[t].partitions}
         c.assign([TopicPartition(t, p, 0) for (t, p) in ends])
@@ -141,7 +145,7 @@ def _trace(args: argparse.Namespace) -> int:
                 except ConcordError:
                     continue
                 if rec.get("trace_id") == args.trace_id:
-                    rows.append(_trace_row(m.topic(), rec))
+                    rows.append(_trace_row(m.topic(), rec, m.topic() in queues))
             print(f"trace: read {seen} records", file=sys.stderr)
     finally:
         c.close()
@@ -153,7 +157,7 @@ def _trace(args: argparse.Namespace) -> int:
     return 0
 
 
-def _trace_row(topic: str, rec: dict[str, Any]) -> tuple[int, str]:
+def _trace_row(topic: str, rec: dict[str, Any], exception: bool) -> tuple[int, str]:
     from concord.contracts import topics
     from concord.owners.desk import _ts
 
@@ -165,7 +169,7 @@ def _trace_row(topic: str, rec: dict[str, Any]) -> tuple[int, str]:
         said = f": {rec['detail']}" if rec["detail"] else ""
         return rec["reported_at"], f"{_ts(rec['reported_at'])}  outcome   {rec['type']} {rec['outcome']} by " \
                                    f"{rec['adapter'] or rec['target_system']}{ref} ({rec['command_id'][:12]}){said}"
-    if topic.startswith("exceptions."):
+    if exception:
         who = rec.get("resolution") or {}
         by = f" by {who['by']}" + (f" patch {json.dumps(who.get('patch'))}" if who.get("patch") else "") \
             if who else ""
@@ -221,8 +225,10 @@ def register(sub: Any) -> None:
     c.add_argument("--json", action="store_true", help="print the checklist as JSON")
     c.set_defaults(func=_checklist)
     t = sub.add_parser("trace", help="the chain of decisions, exceptions and commands for one trace id",
-                       description="Read audit.decisions, commands.* and exceptions.* and print everything that "
-                       "carries TRACE_ID, in time order: from the source event to the final command.")
+                       description="Read audit.decisions, commands.* and the deployment's exceptions.* and print "
+                       "everything that carries TRACE_ID, in time order: from the source event to the final command.")
     t.add_argument("trace_id")
     t.add_argument("--bootstrap", help="Kafka bootstrap servers (default $KAFKA_BOOTSTRAP_SERVERS)")
+    t.add_argument("--app-id", default=os.environ.get("CONCORD_APP_ID", "concord"),
+                   help="the deployment whose exception queues to read (default $CONCORD_APP_ID or concord)")
     t.set_defaults(func=_trace)

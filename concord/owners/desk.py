@@ -3,8 +3,8 @@
 Every request carries a team credential (``Authorization: Bearer <token>``, or the inbox's cookie). A team
 sees and acts on its own queue only; the cross-team views get summaries without an item's details. Actions
 are checked here against the customer's status — a bad patch is refused at once and changes nothing — then
-published to ``actions.exceptions``, where the customer's stage-two agent applies them in order with the
-customer's events and replays the rules.
+published to the deployment's ``actions.exceptions``, where the customer's stage-two agent applies them in order
+with the customer's events and replays the rules.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import urllib.parse
 import uuid
 from typing import Any
 
-from concord.contracts.topics import exceptions_topic
 from concord.domain import rules
 from concord.domain.flow_config import FlowConfig
 from concord.domain.guard import guard_key
@@ -24,6 +23,7 @@ from concord.exceptions import ValidationError
 from concord.runtime.pipeline import Out, customer_key
 
 OPEN_STATES = ("open", "acknowledged", "escalated")
+CLOSED_STATES = ("resolved", "discarded")
 SUMMARY_FIELDS = ("exception_id", "reason_code", "state", "owner", "backup_owner", "severity", "opened_at",
                   "sla_deadline", "updated_at", "entity_type", "entity_id", "customer_id", "customer_key")
 ACTIONS = ("acknowledge", "resolve", "discard")
@@ -96,19 +96,27 @@ def newer(old: dict[str, Any] | None, new: dict[str, Any]) -> bool:
         return True
     if new["opened_at"] != old["opened_at"]:
         return new["opened_at"] > old["opened_at"]  # raised again after it closed
-    if old["state"] in ("resolved", "discarded") and new["state"] in OPEN_STATES:
-        return new["updated_at"] > old["updated_at"]
+    if (old["state"] in CLOSED_STATES) != (new["state"] in CLOSED_STATES):
+        return new["state"] in CLOSED_STATES  # closing is final for this opening, even against an escalation the SLA
+        # check decided later from a view of the table from before the close
     return new["updated_at"] >= old["updated_at"]
+
+
+def stale_escalation(old: dict[str, Any] | None, new: dict[str, Any]) -> bool:
+    """Whether ``new`` escalates an opening ``old`` already closed (the SLA check read the table before it did)."""
+    return (old is not None and old["state"] in CLOSED_STATES and new["state"] == "escalated"
+            and new["opened_at"] == old["opened_at"])
 
 
 class Desk:
     """The logic behind the API and the inbox, independent of HTTP."""
 
     def __init__(self, app: Any, credentials: dict[str, str], cfg: FlowConfig, statuses: Any,
-                 exceptions: Any, actions: Any, controls: Any, pipeline: Any) -> None:
+                 exceptions: Any, pipeline: Any) -> None:
         self.app, self.credentials, self.cfg = app, credentials, cfg
-        self.statuses, self.exceptions, self.actions, self.controls = statuses, exceptions, actions, controls
+        self.statuses, self.exceptions = statuses, exceptions
         self.pipeline = pipeline
+        self.names = pipeline.names  # the deployment's topics the desk writes: actions, controls, exceptions
         self.publish: Any = None  # async (list of Out) -> None: the worker's producer, set by the worker
 
     # ---- who is asking -----------------------------------------------------------------------
@@ -201,7 +209,7 @@ class Desk:
         by = f"{team}:{user}" if user else team
         now = int(time.time() * 1000)
         done = {**wire_record(rec), "assignee": person, "assigned_by": by, "updated_at": max(now, rec["updated_at"])}
-        await self.publish([Out(exceptions_topic(done["owner"]), exception_id.encode(),
+        await self.publish([Out(self.names.exceptions(done["owner"]), exception_id.encode(),
                                 self.pipeline.codec.encode("exception", done))])
         return {"accepted": True, "exception_id": exception_id, "action": "assign", "assignee": person, "by": by}
 
@@ -288,7 +296,8 @@ class Desk:
             rules.act(status, msg, self.cfg, msg["at"])  # a dry run: refuse now what the replay would refuse
         except ValidationError as exc:
             raise Refused(422, str(exc)) from None
-        await self.publish([Out(self.actions, ckey.encode(), self.pipeline.codec.encode("action", msg))])
+        await self.publish([Out(self.names.exception_actions, ckey.encode(),
+                                self.pipeline.codec.encode("action", msg))])
         return {"accepted": True, "action_id": msg["action_id"], "exception_id": exception_id, "action": action,
                 "patch": patch, "by": by}
 
@@ -335,7 +344,7 @@ class Desk:
         elif action in ("resolve", "discard") and reason == "sequence_gap":
             gkey = guard_key(rec["source_system"], rec["entity_type"], rec["entity_id"])
             control = {"action": "release_gap", "guard_key": gkey, "actor": by, "at": now}
-            await self.publish([Out(self.controls, rec["entity_id"].encode(),
+            await self.publish([Out(self.names.guard_controls, rec["entity_id"].encode(),
                                     self.pipeline.codec.encode("control", control))])
             patch, note = {"action": "release_gap"}, note or "parked events released without the missing ones"
         elif action == "resolve":
@@ -348,7 +357,8 @@ class Desk:
         done = {**base, "state": state, "updated_at": now,
                 "resolution": {"by": by, "at": now, "patch": patch, "note": note}}
         outs = self.pipeline.closing(done, now, by) if state != "acknowledged" else [
-            Out(exceptions_topic(done["owner"]), exception_id.encode(), self.pipeline.codec.encode("exception", done))]
+            Out(self.names.exceptions(done["owner"]), exception_id.encode(),
+                self.pipeline.codec.encode("exception", done))]
         await self.publish(outs)
         return {"accepted": True, "exception_id": exception_id, "action": action, "by": by}
 

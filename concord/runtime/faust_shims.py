@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import types
 import weakref
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from importlib.metadata import version
 from typing import Any
 
@@ -207,61 +207,45 @@ def ack(stream: Any, event: Any) -> None:
         stream._on_message_out(message.tp, message.offset, message)
 
 
-def routable(app: Any) -> asyncio.Event:
-    """Set once a table key can be mapped to its partition (see ``route_by_table_partitions``)."""
-    event = getattr(app, "_concord_routable", None)
-    if event is None:
-        event = app._concord_routable = asyncio.Event()
-    return event
-
-
 def route_by_table_partitions(app: Any, tables: Iterable[Any]) -> None:
-    """Map a table key to its changelog partition from the table's own partition count, then open the routed views.
+    """Map a table key to its changelog partition from the table's own partition count.
 
     faust's web routing asks its aiokafka producer for the changelog's partitions, which only that producer's
     metadata holds; Concord writes changelogs through its own producer, so that metadata is fetched for routing
     alone, and a later refresh that meets the topic without a leader (Apache Kafka, right after creating it) drops
     it until the next refresh five minutes on: every routed request raised meanwhile. The changelog was declared
     with the table's partition count (checked at start), so the partition follows from the key as the default
-    partitioner computes it, with no metadata.
+    partitioner computes it, with no metadata. Before the worker's first assignment faust answers 503.
     """
-    counts = {t.changelog_topic.get_topic_name(): t.partitions for t in tables}
+    by_changelog = {t.changelog_topic.get_topic_name(): t for t in tables}
     fallback = app.producer.key_partition
 
     def key_partition(topic: str, key: bytes) -> TP:
-        n = counts.get(topic)
-        return fallback(topic, key) if n is None else TP(topic, (murmur2(key) & 0x7FFFFFFF) % n)
+        table = by_changelog.get(topic)
+        return fallback(topic, key) if table is None else TP(topic, partition_of(table, key))
 
     app.producer.key_partition = key_partition
-    routable(app).set()
-
-
-def when_routable(app: Any, wait_s: float = 30.0) -> Any:
-    """Hold a view routed by table key until the worker knows where each key lives (503 if it never does).
-
-    Put it outside faust's ``table_route``: it waits until the worker set up its routing at start, and
-    answers 503 with Retry-After if that is still not done after ``wait_s``.
-    """
-
-    def decorate(handler: Any) -> Any:
-        async def routed(view: Any, request: Any, **kwargs: Any) -> Any:
-            try:
-                await asyncio.wait_for(routable(app).wait(), wait_s)
-            except TimeoutError:
-                return view.json({"error": "the worker is starting: it does not yet know where each key's table "
-                                           "partition lives; try again"}, status=503, headers={"Retry-After": "5"})
-            return await handler(view, request, **kwargs)
-
-        routed.__name__, routed.__doc__ = handler.__name__, handler.__doc__
-        return routed
-
-    return decorate
 
 
 def active_partitions(app: Any, table: Any) -> set[int]:
     """The partitions of ``table`` this worker is active for (not standby copies)."""
     changelog = table.changelog_topic.get_topic_name()
     return {tp.partition for tp in app.assignor.assigned_actives() if tp.topic == changelog}
+
+
+def on_tables_recovered(app: Any, callback: Callable[[], Awaitable[None]]) -> None:
+    """Call ``callback`` each time faust has recovered the active tables after an assignment.
+
+    faust sends ``app.on_rebalance_complete`` once the active changelogs are read up to their end, before it
+    resumes the streams, whatever generation the consumer has reached by then. The gauges once waited for
+    ``app.rebalancing`` to fall instead; on Apache Kafka they then stayed empty for minutes while the worker
+    processed records.
+    """
+
+    async def recovered(sender: Any, **kwargs: Any) -> None:
+        await callback()
+
+    app.on_rebalance_complete.connect(recovered, weak=False)
 
 
 def partition_of(table: Any, key: bytes) -> int:

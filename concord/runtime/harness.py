@@ -13,7 +13,7 @@ from concord.contracts import topics
 from concord.contracts.codec import Codec
 from concord.domain.flow_config import FlowConfig, load_flow_config
 from concord.domain.routing import Routing, load_routing
-from concord.runtime.pipeline import Out, Pipeline, Record
+from concord.runtime.pipeline import Escalations, Out, Pipeline, Record
 from concord.runtime.reconciler import Reconciler
 
 
@@ -22,19 +22,22 @@ class InProcess:
 
     Records reach the stage the worker runs for their topic (changes.* and guard.controls: the guard;
     accepted.changes, actions.exceptions and outcomes.commands: the status table with the reconciler around it;
-    exceptions.*: exception tracking), and what a
-    stage produces on accepted.changes or an exceptions queue is fed on, as the broker would.
+    exceptions.*: exception tracking; ``escalate`` is the SLA check's timer), and what a
+    stage produces on accepted.changes or an exceptions queue is fed on, as the broker would. The internal
+    topics are those of the deployment ``app_id`` (``names``).
     """
 
     def __init__(self, cfg: FlowConfig | None = None, routing: Routing | None = None, now: int = 0,
-                 gap_wait_ms: int = 1000, budget: int = 500, check_delay_ms: int = 0) -> None:
+                 gap_wait_ms: int = 1000, budget: int = 500, check_delay_ms: int = 0,
+                 app_id: str = "concord-in-process") -> None:
         from concord.domain import rules
 
         self.cfg = cfg or load_flow_config()
         self.clock = {"now": now}
         self.codec = Codec()
         routing = routing or load_routing()
-        self.pipeline = Pipeline(self.codec, lambda s, e, n: rules.decide(s, e, self.cfg, n), routing.route,
+        self.names = topics.Deployment(app_id)
+        self.pipeline = Pipeline(self.codec, self.names, lambda s, e, n: rules.decide(s, e, self.cfg, n), routing.route,
                                  gap_wait_ms=gap_wait_ms, clock=lambda: self.clock["now"], parks=routing.parks,
                                  act=lambda s, a, n: rules.act(s, a, self.cfg, n))
         self.cursors: dict[bytes, Any] = {}
@@ -42,6 +45,7 @@ class InProcess:
         self.exception_records: dict[bytes, Any] = {}
         self.deadlines: dict[bytes, Any] = {}  # the reconciler's index, kept apart so statuses holds only customers
         self.loop = Reconciler(self.pipeline, self.cfg, budget, check_delay_ms, index=self.deadlines)
+        self.escalations = Escalations(self.pipeline)
         self.out: list[Out] = []
         self.offsets: dict[tuple[str, int], int] = {}  # (topic, partition) -> last offset fed
         self.accepted: list[Record] = []  # what stage two was given, to give it again (a restart)
@@ -60,11 +64,17 @@ class InProcess:
 
     def act(self, action: dict[str, Any]) -> None:
         """An owner's action arrives (see schemas/action.avsc)."""
-        self.feed(topics.EXCEPTION_ACTIONS.name, action["customer_key"].encode(), self.codec.encode("action", action))
+        self.feed(self.names.exception_actions, action["customer_key"].encode(), self.codec.encode("action", action))
 
     def tick(self) -> None:
         """A timer tick on the guard's partition."""
         self._run(self.pipeline.tick(0, self.cursors))
+
+    def escalate(self) -> None:
+        """A tick of the SLA check over the exception table, as the worker's timer runs it."""
+        for holds, escalated in self.escalations.due(self.exception_records, list(self.exception_records),
+                                                     self.clock["now"]):
+            self._run(holds + escalated)
 
     def report(self, outcome: dict[str, Any]) -> None:
         """An adapter's outcome of one command arrives (see schemas/command_outcome.avsc)."""
@@ -80,18 +90,20 @@ class InProcess:
         return offset
 
     def _stage(self, rec: Record) -> list[Out]:
-        if rec.topic in (topics.ACCEPTED.name, topics.EXCEPTION_ACTIONS.name, topics.COMMAND_OUTCOMES.name):
+        if rec.topic in (self.names.accepted, self.names.exception_actions, topics.COMMAND_OUTCOMES.name):
             return self.loop.step(rec, self.statuses)
-        if rec.topic in _EXCEPTION_QUEUES:
-            return self.pipeline.track(rec, self.exception_records)
+        if rec.topic in self.names.exception_queues:
+            outs = self.pipeline.track(rec, self.exception_records)
+            self.escalations.tracked(rec.key, self.exception_records.get(rec.key or b""))
+            return outs
         return self.pipeline.guard(rec, self.cursors)
 
     def _run(self, outs: list[Out]) -> None:
         for o in outs:
             self.out.append(o)
-            if o.topic == topics.ACCEPTED.name or o.topic in _EXCEPTION_QUEUES:
+            if o.topic == self.names.accepted or o.topic in self.names.exception_queues:
                 rec = Record(o.topic, 0, self._next_offset(o.topic, 0), o.key, o.value, dict(o.headers))
-                if o.topic == topics.ACCEPTED.name:
+                if o.topic == self.names.accepted:
                     self.accepted.append(rec)
                 self._run(self._stage(rec))
 
@@ -110,11 +122,9 @@ class InProcess:
 
     def exceptions(self) -> list[dict[str, Any]]:
         """Every exception record produced (opened and resolved)."""
-        return self.records(lambda t: t.startswith("exceptions."))
+        return self.records(lambda t: t in self.names.exception_queues)
 
     def dead_letters(self) -> list[Out]:
         """Every dead letter produced, each with its typed ``dead_letter``."""
         return [o for o in self.out if o.dead_letter is not None]
 
-
-_EXCEPTION_QUEUES = frozenset(t.name for t in topics.EXCEPTIONS)

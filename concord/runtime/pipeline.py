@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Callable, MutableMapping
+from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +32,7 @@ from concord.contracts.deadletter import (
 from concord.contracts.validate import validate_action, validate_change, validate_control, validate_exception
 from concord.domain import guard
 from concord.domain.ids import command_id, stable_id
+from concord.domain.routing import sla_ran_out
 from concord.domain.status import clone, last_seq
 from concord.exceptions import (
     ConcordError,
@@ -102,7 +103,8 @@ class ErrorPolicy:
         return next(step for kind, step in _STEPS if isinstance(exc, kind))
 
 
-# One policy per stage, for every topic a worker reads (a test holds this to topics.WORKER_INPUTS).
+# One policy per stage, for every topic a worker reads (a test holds this to Deployment.worker_inputs); an
+# internal topic is named by its base name, which each deployment prefixes with its app id.
 ORDER_CHANGES = ErrorPolicy("order_changes", tuple(t.name for t in topics.CHANGES))
 CONTROL_GUARDS = ErrorPolicy("control_guards", (topics.GUARD_CONTROLS.name,))
 DECIDE_CHANGES = ErrorPolicy("decide_changes", (topics.ACCEPTED.name,))
@@ -166,12 +168,13 @@ _FORWARDED_MAX = 4096  # decoded events kept for the decide stage (see Pipeline.
 class Pipeline:
     """Decode + validate + guard (stage one, per entity) and flow rules (stage two, per customer)."""
 
-    def __init__(self, codec: Codec, decide: Callable[[Any, dict[str, Any], int], Any],
+    def __init__(self, codec: Codec, names: topics.Deployment, decide: Callable[[Any, dict[str, Any], int], Any],
                  route: Callable[[dict[str, Any], int], dict[str, Any]], gap_wait_ms: int = 300_000,
                  clock: Callable[[], int] = now_ms, parks: Callable[[str], bool] = lambda reason: False,
                  act: Callable[[Any, dict[str, Any], int], Any] | None = None,
                  max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES) -> None:
         self.codec = codec
+        self.names = names  # the deployment's internal topics
         self._decide = _rule("decide", decide)  # (status, event, now_ms) -> Outcome(status, commands, exceptions)
         self._route = _rule("route", route)  # (exception draft, now_ms) -> full exception record with owner and SLA
         self.gap_wait_ms = gap_wait_ms
@@ -202,7 +205,7 @@ class Pipeline:
     # ---- stage one: per entity -------------------------------------------------------------
     def guard(self, rec: Record, cursors: MutableMapping[bytes, Any]) -> list[Out]:
         """Decode, validate and order one changes record (or obey a guard.controls one); return what to produce."""
-        if rec.topic == topics.GUARD_CONTROLS.name:
+        if rec.topic == self.names.guard_controls:
             return self.control(rec, cursors)
         return self._apply(ORDER_CHANGES, rec, cursors, self._guard)
 
@@ -293,18 +296,18 @@ class Pipeline:
         topic, partition, offset, value_hex, ckey = ref
         headers = ((SRC_TOPIC, topic.encode()), (SRC_PARTITION, str(partition).encode()),
                    (SRC_OFFSET, str(offset).encode()))
-        return Out(topics.ACCEPTED.name, ckey.encode(), bytes.fromhex(value_hex), headers)
+        return Out(self.names.accepted, ckey.encode(), bytes.fromhex(value_hex), headers)
 
     # ---- stage two: per customer -----------------------------------------------------------
     def decide(self, rec: Record, statuses: MutableMapping[bytes, Any]) -> list[Out]:
         """Apply one accepted event to its customer's status and emit commands, exceptions and audit."""
-        if rec.topic == topics.EXCEPTION_ACTIONS.name:
+        if rec.topic == self.names.exception_actions:
             return self.act(rec, statuses)
         return self._apply(DECIDE_CHANGES, rec, statuses, self._decide_one)
 
     def _decide_one(self, rec: Record, statuses: MutableMapping[bytes, Any]) -> list[Out]:
         src = _source(rec)
-        event = self._forwarded.pop(rec.value, None) if rec.topic == topics.ACCEPTED.name and rec.value else None
+        event = self._forwarded.pop(rec.value, None) if rec.topic == self.names.accepted and rec.value else None
         if event is None:
             _, event = self.codec.decode_topic(rec.topic, rec.value)
         validate_change(event, src[0])
@@ -453,7 +456,7 @@ class Pipeline:
         if entry.get("original"):
             record["original"] = {"topic": entry["original"][0], "partition": entry["original"][1],
                                   "offset": entry["original"][2], "key": key, "value": value}
-        return [Out(topics.exceptions_topic(record["owner"]), eid.encode(), self.codec.encode("exception", record))]
+        return [Out(self.names.exceptions(record["owner"]), eid.encode(), self.codec.encode("exception", record))]
 
     def _exception_outs(self, draft: dict[str, Any], now: int, original: tuple, opened: bool = True,
                         routed: dict[str, Any] | None = None) -> list[Out]:
@@ -462,7 +465,7 @@ class Pipeline:
         record["original"] = {"topic": topic, "partition": part, "offset": offset, "key": key, "value": value}
         if opened:  # an update of an open exception republishes it without counting it again
             metrics.EXCEPTIONS_OPENED.labels(record["owner"], record["reason_code"]).inc()
-        return [Out(topics.exceptions_topic(record["owner"]), record["exception_id"].encode(),
+        return [Out(self.names.exceptions(record["owner"]), record["exception_id"].encode(),
                     self.codec.encode("exception", record))]
 
     def _resolved_outs(self, gone: dict[str, Any], now: int, original: tuple, actor: str | None = None,
@@ -477,7 +480,7 @@ class Pipeline:
         labels = (record["owner"], record["reason_code"])
         metrics.EXCEPTIONS_RESOLVED.labels(*labels).inc()
         metrics.RESOLUTION_SECONDS.labels(*labels).observe(max(0.0, (now - gone["opened_at"]) / 1000))
-        return [Out(topics.exceptions_topic(record["owner"]), record["exception_id"].encode(),
+        return [Out(self.names.exceptions(record["owner"]), record["exception_id"].encode(),
                     self.codec.encode("exception", record))]
 
     def escalation(self, rec: dict[str, Any], now: int) -> list[Out]:
@@ -487,7 +490,7 @@ class Pipeline:
                   "message": f"SLA of {rec['owner']} ran out; escalated to {backup}: {rec['message']}"}
         metrics.SLA_BREACHES.labels(rec["owner"], rec["reason_code"]).inc()
         metrics.EXCEPTIONS_ESCALATED.labels(rec["owner"], rec["reason_code"]).inc()
-        outs = [Out(topics.exceptions_topic(backup), rec["exception_id"].encode(),
+        outs = [Out(self.names.exceptions(backup), rec["exception_id"].encode(),
                     self.codec.encode("exception", record))]
         if rec.get("blocks_billing"):
             outs.append(self.billing_hold(rec, now, hold=True))
@@ -512,7 +515,7 @@ class Pipeline:
         if record["state"] == "resolved":
             metrics.EXCEPTIONS_RESOLVED.labels(*labels).inc()
             metrics.RESOLUTION_SECONDS.labels(*labels).observe(max(0.0, (now - record["opened_at"]) / 1000))
-        return [Out(topics.exceptions_topic(record["owner"]), record["exception_id"].encode(),
+        return [Out(self.names.exceptions(record["owner"]), record["exception_id"].encode(),
                     self.codec.encode("exception", record))]
 
     # ---- exception tracking -------------------------------------------------------------------
@@ -521,13 +524,15 @@ class Pipeline:
         return self._apply(TRACK_EXCEPTIONS, rec, records, self._track)
 
     def _track(self, rec: Record, records: MutableMapping[bytes, Any]) -> list[Out]:
-        from concord.owners.desk import newer, table_record  # desk builds on this module
+        from concord.owners.desk import newer, stale_escalation, table_record  # desk builds on this module
 
         _, exc = self.codec.decode_topic(rec.topic, rec.value)
         validate_exception(exc, rec.key)
         key = exc["exception_id"].encode()
         old = records.get(key)
         if not newer(old, exc):
+            if stale_escalation(old, exc) and exc["blocks_billing"]:  # its hold went out after the close
+                return [self.billing_hold(exc, self.clock(), hold=False)]
             return []
         records[key] = table_record(exc, old)  # old: the history the inbox shows
         if old and old["state"] == "escalated" and exc["state"] in ("resolved", "discarded") and exc["blocks_billing"]:
@@ -558,6 +563,48 @@ class Pipeline:
             "actor": actor, "decided_at": self.clock(),
         }
         return Out(topics.AUDIT.name, (ev.get("trace_id") or "").encode(), self.codec.encode("decision", rec))
+
+
+class Escalations:
+    """The SLA check over an exception table: what is due, each escalated once until it is seen back on a queue.
+
+    The worker's timer and the in-process harness both run it; ``sent`` lives in memory only, because an escalation
+    not yet tracked when a worker dies is due again in the table its successor recovers.
+    """
+
+    def __init__(self, pipeline: Pipeline) -> None:
+        self.pipeline = pipeline
+        self.sent: set[bytes] = set()
+
+    def due(self, records: Mapping[bytes, Any], keys: Iterable[bytes], now: int) -> list[tuple[list[Out], list[Out]]]:
+        """The escalations due at ``now`` among ``keys``: per exception, its billing hold and its escalated record.
+
+        Send the hold and have it acknowledged first, so that a release the tracker sends for it comes after it.
+        """
+        from concord.owners.desk import wire_record  # desk builds on this module
+
+        due = []
+        for key in keys:
+            rec = records.get(key)
+            if rec and key not in self.sent and sla_ran_out(rec, now):
+                self.sent.add(key)
+                outs = self.pipeline.escalation(wire_record(rec), now)
+                holds = [o for o in outs if o.topic == topics.commands_topic("billing")]
+                due.append((holds, [o for o in outs if o not in holds]))
+        return due
+
+    def tracked(self, key: bytes | None, record: dict[str, Any] | None) -> None:
+        """The tracker holds ``record`` under ``key``: once it is escalated or closed, a later escalation is a new one.
+
+        Closed counts too: an escalation the tracker dropped because the owner closed it first never shows, and the
+        next opening under the same id must still be escalated when its SLA runs out.
+        """
+        if key is not None and record is not None and record.get("state") not in ("open", "acknowledged"):
+            self.sent.discard(key)
+
+    def clear(self) -> None:
+        """Partitions moved: what is still due is found again in the tables."""
+        self.sent.clear()
 
 
 def _source(rec: Record) -> tuple[str, int, int]:

@@ -20,13 +20,12 @@ from concord.owners import inbox, reconcile
 from concord.owners.desk import Desk, Refused
 from concord.owners.picture import amount_at_risk, chain, currency_of, load_links, money
 from concord.runtime import metrics
-from concord.runtime.faust_shims import when_routable
 
 STATIC = Path(__file__).resolve().parent.parent / "owners" / "static"
 STATIC_TYPES = {".css": "text/css", ".js": "text/javascript", ".svg": "image/svg+xml"}
 BULK_OPS = ("replay", "resolve", "discard")
-# Pages load only what the worker itself serves: no CDN, no inline script, no framing by other sites.
 log = logging.getLogger("concord.web")
+# Pages load only what the worker itself serves: no CDN, no inline script, no framing by other sites.
 CSP = "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; frame-ancestors 'none'"
 
 
@@ -111,7 +110,6 @@ def register_views(app: faust.App, desk: Desk) -> None:
 
     @app.page("/exceptions/{exception_id}")
     class ExceptionOne(View):
-        @when_routable(app)
         @app.table_route(table=desk.exceptions, match_info="exception_id")
         async def get(self, request: Any, exception_id: str) -> Any:
             try:
@@ -121,7 +119,6 @@ def register_views(app: faust.App, desk: Desk) -> None:
 
     @app.page("/exceptions/{exception_id}/{action}")
     class ExceptionAct(View):
-        @when_routable(app)
         @app.table_route(table=desk.statuses, query_param="customer")
         async def post(self, request: Any, exception_id: str, action: str) -> Any:
             try:

@@ -18,11 +18,12 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from concord.contracts import topics
 from concord.contracts.codec import Codec
-from concord.owners.desk import Desk, wire_record
+from concord.exceptions import ConfigError
+from concord.owners.desk import Desk
 from concord.runtime import faust_shims, metrics
 from concord.runtime.indexes import TableIndex, open_exception, parked_in_cursor, parked_in_status
 from concord.runtime.offsets import PROCESS, SEEK, OffsetLedger
-from concord.runtime.pipeline import Out, Pipeline, Record
+from concord.runtime.pipeline import Escalations, Out, Pipeline, Record
 from concord.runtime.producer import Outgoing, Outputs
 from concord.runtime.reconciler import reconciler_for, tick_partitions
 from concord.runtime.settings import Settings
@@ -57,6 +58,10 @@ def build_app(settings: Settings, pipeline: Pipeline | None = None) -> faust.App
     """The faust app with Concord's topics, tables, agents, timers and web pages."""
     if pipeline is None:
         pipeline = default_pipeline(settings)
+    names = pipeline.names
+    if names.app_id != settings.app_id:
+        raise ConfigError(f"the pipeline writes the topics of app id {names.app_id!r}, the worker is "
+                          f"{settings.app_id!r}")
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     app = faust.App(
         settings.app_id,
@@ -88,10 +93,10 @@ def build_app(settings: Settings, pipeline: Pipeline | None = None) -> faust.App
                       bootstrap=settings.bootstrap_servers)
     app.pipeline = pipeline  # type: ignore[attr-defined]
     raw = {"key_serializer": "raw", "value_serializer": "raw"}
-    changes = app.topic(*(t.name for t in topics.CHANGES), topics.GUARD_CONTROLS.name, **raw)
-    accepted = app.topic(topics.ACCEPTED.name, topics.EXCEPTION_ACTIONS.name, topics.COMMAND_OUTCOMES.name, **raw)
+    changes = app.topic(*(t.name for t in topics.CHANGES), names.guard_controls, **raw)
+    accepted = app.topic(names.accepted, names.exception_actions, topics.COMMAND_OUTCOMES.name, **raw)
     outcomes = app.topic(topics.COMMAND_OUTCOMES.name, **raw)
-    raised = app.topic(*(t.name for t in topics.EXCEPTIONS), **raw)
+    raised = app.topic(*names.exception_queues, **raw)
     # Raw (bytes) keys: faust takes a table's key serializer from its key type, not from a Schema, and defaults
     # to json; with bytes the changelog is keyed like the input topics, recovery reads the keys back, and web
     # requests are routed by the same hash the producers used. Values are json.
@@ -108,7 +113,7 @@ def build_app(settings: Settings, pipeline: Pipeline | None = None) -> faust.App
     indexes = {entity_to_cursor: TableIndex(parked_in_cursor), customer_to_status: TableIndex(parked_in_status),
                exception_to_record: TableIndex(open_exception)}
     app.concord_indexes = indexes  # type: ignore[attr-defined]
-    escalating: set[bytes] = set()  # escalated here and not yet seen back on an exceptions topic
+    escalations = Escalations(pipeline)  # the SLA check: what it sent and has not yet seen back on a queue
 
     outputs = Outputs(settings.bootstrap_servers or "localhost:9092", settings.producer_linger_ms)
     app.outputs = outputs  # type: ignore[attr-defined]
@@ -122,7 +127,13 @@ def build_app(settings: Settings, pipeline: Pipeline | None = None) -> faust.App
         ledger.assigned({tp for tp in assigned if not tp.topic.endswith("-changelog")})
         for index in indexes.values():
             index.clear()  # rebuilt from the recovered tables on the next gauge tick
-        escalating.clear()
+        escalations.clear()
+
+    async def reindex_recovered() -> None:
+        for index in indexes.values():
+            index.clear()  # a gauge tick may have indexed a half-recovered table: read the whole one again
+
+    faust_shims.on_tables_recovered(app, reindex_recovered)
 
     @app.on_before_shutdown.connect
     async def stop_outputs(app: Any, **kwargs: Any) -> None:
@@ -192,8 +203,7 @@ def build_app(settings: Settings, pipeline: Pipeline | None = None) -> faust.App
     def track_step(event: Any, view: _BatchView) -> list[Out]:
         msg = event.message
         outs = pipeline.track(_record(event), view)
-        if (view.get(msg.key) or {}).get("state") == "escalated":
-            escalating.discard(msg.key)  # seen back on its queue: a later escalation is a new one
+        escalations.tracked(msg.key, view.get(msg.key))
         return outs
 
     @app.agent(changes, name="order_changes")
@@ -215,15 +225,11 @@ def build_app(settings: Settings, pipeline: Pipeline | None = None) -> faust.App
     @app.timer(interval=settings.sla_check_interval_s)
     async def escalate_overdue() -> None:
         """Escalate every exception held here whose SLA ran out unresolved."""
-        now = pipeline.clock()
-        index = indexes[exception_to_record]
         active = faust_shims.active_partitions(app, exception_to_record)
-        for key in index.keys(active):
-            rec = exception_to_record.get(key)
-            if rec and rec["state"] in ("open", "acknowledged") and rec["sla_deadline"] <= now \
-                    and key not in escalating:
-                escalating.add(key)
-                await send_all(pipeline.escalation(wire_record(rec), now))
+        keys = indexes[exception_to_record].keys(active)
+        for holds, escalated in escalations.due(exception_to_record, keys, pipeline.clock()):
+            await send_all(holds)  # acknowledged first: a release the tracker sends for it comes after it
+            await send_all(escalated)
 
     # The closed loop (concord/runtime/reconciler.py): outcomes, confirmations and the time-driven rules.
     closed_loop = reconciler_for(settings, pipeline)
@@ -326,8 +332,8 @@ def build_app(settings: Settings, pipeline: Pipeline | None = None) -> faust.App
         """Ask each guard partition to look for gaps that waited too long."""
         now = pipeline.clock()
         value = pipeline.codec.encode("control", {"action": "tick", "guard_key": None, "actor": None, "at": now})
-        assigned = {tp.partition for tp in app.consumer.assignment() if tp.topic == topics.GUARD_CONTROLS.name}
-        await outputs.send([(topics.GUARD_CONTROLS.name, b"", value, None, p) for p in sorted(assigned)])
+        assigned = {tp.partition for tp in app.consumer.assignment() if tp.topic == names.guard_controls}
+        await outputs.send([(names.guard_controls, b"", value, None, p) for p in sorted(assigned)])
 
     @app.page("/metrics")
     async def metrics_page(web: Any, request: Any) -> Any:
@@ -344,7 +350,6 @@ def build_app(settings: Settings, pipeline: Pipeline | None = None) -> faust.App
         return web.json({"ok": True, "app_id": settings.app_id, "config_digest": running_digest()})
 
     @app.page("/customers/{customer_id}")
-    @faust_shims.when_routable(app)
     @app.table_route(table=customer_to_status, match_info="customer_id")
     async def customer_status(web: Any, request: Any, customer_id: str) -> Any:
         status = customer_to_status.get(customer_id.encode())
@@ -355,7 +360,7 @@ def build_app(settings: Settings, pipeline: Pipeline | None = None) -> faust.App
     from concord.domain.flow_config import load_flow_config
 
     desk = Desk(app, settings.credentials(), load_flow_config(), customer_to_status, exception_to_record,
-                topics.EXCEPTION_ACTIONS.name, topics.GUARD_CONTROLS.name, pipeline)
+                pipeline)
     desk.publish = send_all  # the owners' actions go through the worker's one producer
     register_views(app, desk)
     return app
@@ -408,7 +413,7 @@ def default_pipeline(settings: Settings) -> Pipeline:
 
     cfg = load_flow_config()
     routing = load_routing()
-    return Pipeline(Codec(settings.schema_registry_url),
+    return Pipeline(Codec(settings.schema_registry_url), topics.Deployment(settings.app_id),
                     lambda status, event, now: rules.decide(status, event, cfg, now),
                     routing.route, gap_wait_ms=int(settings.gap_wait_s * 1000), parks=routing.parks,
                     act=lambda status, action, now: rules.act(status, action, cfg, now))
@@ -432,7 +437,7 @@ def _run(args: argparse.Namespace) -> int:
     settings = Settings.from_env(web_port=args.web_port, app_id=args.app_id, log_level=args.log_level)
     with open_broker() as broker:
         settings = settings.model_copy(update={"bootstrap_servers": broker.bootstrap_servers})
-        created = ensure_topics(broker.bootstrap_servers)
+        created = ensure_topics(broker.bootstrap_servers, topics.Deployment(settings.app_id).topics)
         print(f"concord: {broker.kind} broker at {broker.bootstrap_servers}; created {len(created)} topics",
               file=sys.stderr)
         print(f"concord: metrics on http://{settings.web_host}:{settings.web_port}/metrics", file=sys.stderr)
@@ -489,7 +494,7 @@ def register(sub: Any) -> None:
                          "start an embedded broker for the worker's lifetime. Serves /metrics, /healthz and "
                          "/customers/{id} on the web port.")
     run.add_argument("--web-port", type=int, help="HTTP port for /metrics and the API (default 6066)")
-    run.add_argument("--app-id", help="consumer group / table prefix (default concord)")
+    run.add_argument("--app-id", help="consumer group, table and internal-topic prefix (default concord)")
     run.add_argument("--log-level", default=None, help="debug, info, warning (default info)")
     run.set_defaults(func=_run)
     st = sub.add_parser("status", help="print one customer's status from a running worker",

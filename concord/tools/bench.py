@@ -27,7 +27,7 @@ from concord.runtime.producer import new_producer
 from concord.tools import bench_receiver
 from concord.tools.bench_audit import audit_line
 from concord.tools.bench_inbox import inbox_line
-from concord.tools.report import start_group_at_end
+from concord.tools.report import start_deployment_at_end
 
 
 def say(msg: str) -> None:
@@ -135,8 +135,10 @@ async def reference_eps(bootstrap: str, topic: str, out_topic: str, n: int) -> f
 
 def wait_for_commands(bootstrap: str, n: int, timeout: float, since: dict[int, int],
                       latencies: list[float] | None = None, ctype: str = "create_invoice",
-                      ready: threading.Event | None = None) -> tuple[float, float]:
+                      ready: threading.Event | None = None, customers: str = "") -> tuple[float, float]:
     """Read commands.billing from ``since`` until ``n`` of type ``ctype`` arrive; return (first, last) arrival times.
+
+    ``customers``, when given, is the prefix of the customer ids counted (others are another run's commands).
 
     ``ready`` is set once the consumer is reading, so that a caller can start publishing only then.
     """
@@ -157,7 +159,7 @@ def wait_for_commands(bootstrap: str, n: int, timeout: float, since: dict[int, i
                     continue
                 t = time.time()
                 cmd = codec.decode(m.value())[1]
-                if cmd["type"] != ctype:
+                if cmd["type"] != ctype or not (cmd.get("customer_id") or "").startswith(customers):
                     continue  # e.g. the customers' update_customer commands are not what is measured
                 first = first or t
                 last = t
@@ -172,7 +174,7 @@ def wait_for_commands(bootstrap: str, n: int, timeout: float, since: dict[int, i
 
 
 def watch_commands(bootstrap: str, n: int, timeout: float, latencies: list[float] | None = None,
-                   ctype: str = "create_invoice") -> Future:
+                   ctype: str = "create_invoice", customers: str = "") -> Future:
     """Start reading commands.billing from its current end in a thread, before anything is published.
 
     Arrival times are taken as the commands arrive, not after the publishing is over (which would count the
@@ -181,7 +183,7 @@ def watch_commands(bootstrap: str, n: int, timeout: float, latencies: list[float
     since = end_offsets(bootstrap, topics.commands_topic("billing"))
     ready = threading.Event()
     pool = ThreadPoolExecutor(1, thread_name_prefix="bench-watch")
-    fut = pool.submit(wait_for_commands, bootstrap, n, timeout, since, latencies, ctype, ready)
+    fut = pool.submit(wait_for_commands, bootstrap, n, timeout, since, latencies, ctype, ready, customers)
     pool.shutdown(wait=False)
     while not ready.wait(0.1):
         if fut.done():
@@ -231,7 +233,7 @@ def measure_two_workers(bs: str, run: str, n: int, timeout: float) -> float:
     setup, deals = generate(n, f"{run}w")
     app_id = f"concord-bench2-{run}"
     log = Path(".concord/bench")
-    start_group_at_end(bs, app_id, list(topics.WORKER_INPUTS))  # not the earlier runs' records
+    start_deployment_at_end(bs, app_id)  # not the earlier runs' records
     with worker_process(bs, free_port(), app_id, log / "pair-1.log"), \
             worker_process(bs, free_port(), app_id, log / "pair-2.log"):
         watch = watch_commands(bs, len(setup), timeout, ctype="update_customer")
@@ -246,7 +248,7 @@ def measure_two_workers(bs: str, run: str, n: int, timeout: float) -> float:
 
 
 def measure_resume(bs: str, run: str, timeout: float) -> float:
-    """Seconds from SIGKILL of a busy worker to its replacement issuing commands again."""
+    """Seconds from SIGKILL of a worker to its replacement issuing commands for deals published while it was down."""
     import os
     import signal
     from pathlib import Path
@@ -255,7 +257,7 @@ def measure_resume(bs: str, run: str, timeout: float) -> float:
 
     app_id = f"concord-bench-resume-{run}"
     log = Path(".concord/bench")
-    start_group_at_end(bs, app_id, list(topics.WORKER_INPUTS))
+    start_deployment_at_end(bs, app_id)
     setup, deals = generate(2_000, f"{run}r")
     with worker_process(bs, free_port(), app_id, log / "resume-1.log") as first:
         watch = watch_commands(bs, len(setup), timeout, ctype="update_customer")
@@ -264,7 +266,7 @@ def measure_resume(bs: str, run: str, timeout: float) -> float:
         os.killpg(first.pid, signal.SIGKILL)
         killed_at = time.time()
         first.wait(30)
-    watch = watch_commands(bs, 1, timeout)
+    watch = watch_commands(bs, 1, timeout, customers=f"{run}r-")  # this run's deals, not a command of the others
     produce(bs, deals)
     with worker_process(bs, free_port(), app_id, log / "resume-2.log"):
         first_at, _ = watch.result()

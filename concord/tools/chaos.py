@@ -31,13 +31,13 @@ from concord.contracts.codec import Codec
 from concord.runtime.broker import die_with_parent, free_port
 from concord.runtime.harness import InProcess
 from concord.tools.demo import stop_process, wait_for_http
-from concord.tools.report import end_offsets, start_group_at_end
+from concord.tools.report import end_offsets, start_deployment_at_end, start_group_at_end
 from concord.tools.simulator import Simulator
 from connectors.outbound.sandbox import applied_effects
 
 # Faults whose outcome is the same whatever the timing; sequence gaps wait on a clock, so they are left out.
 FAULTS = {"sequence_gap": 0.0}
-WATCH = [topics.AUDIT.name, *(t.name for t in topics.COMMANDS), *(t.name for t in topics.EXCEPTIONS)]
+WATCH = [topics.AUDIT.name, *(t.name for t in topics.COMMANDS)]
 
 
 def settled(status: Any) -> dict[str, Any]:
@@ -139,6 +139,7 @@ class Campaign:
                  say: Any = print) -> None:
         self.bootstrap, self.state_dir, self.say = bootstrap, state_dir, say
         self.app_id = f"concord-chaos-{uuid.uuid4().hex[:8]}"
+        self.names = topics.Deployment(self.app_id)
         self.prefix = f"{uuid.uuid4().hex[:6]}-"
         self.sim = Simulator(customers=customers, days=days, seed=seed, prefix=self.prefix, faults=FAULTS)
         self.planned = list(self.sim.records())
@@ -165,7 +166,7 @@ class Campaign:
 
     def start_adapter(self) -> None:
         self.adapter = start_sandbox_adapter(self.env, self.db, f"{self.app_id}-adapters",
-                                             self.state_dir / "adapter.log")
+                                             self.state_dir / "adapter.log", self.app_id)
 
     def kill(self, proc: subprocess.Popen, sig: int) -> None:
         os.killpg(proc.pid, sig)
@@ -196,7 +197,7 @@ class Campaign:
         ensure_topics(self.bootstrap)
         result = ChaosResult(inputs=len(self.planned))
         since = end_offsets(self.bootstrap, WATCH)
-        start_group_at_end(self.bootstrap, self.app_id, list(topics.WORKER_INPUTS))
+        start_deployment_at_end(self.bootstrap, self.app_id)
         start_group_at_end(self.bootstrap, f"{self.app_id}-adapters", [t.name for t in topics.COMMANDS])
         reader = _Reader(self.bootstrap, since)
         reader.start()
@@ -307,12 +308,16 @@ class Campaign:
             time.sleep(0.5)
 
 
-def start_sandbox_adapter(env: dict[str, str], db: Path, group: str, log_path: Path) -> subprocess.Popen:
-    """The sandbox adapter (one effect per command id, in ``db``) as its own process, in consumer group ``group``."""
+def start_sandbox_adapter(env: dict[str, str], db: Path, group: str, log_path: Path,
+                          app_id: str) -> subprocess.Popen:
+    """The sandbox adapter (one effect per command id, in ``db``) as its own process, in consumer group ``group``.
+
+    It raises rejections on the exception queues of the deployment ``app_id``.
+    """
     log = open(log_path, "ab")  # noqa: SIM115 - the child keeps it
     return subprocess.Popen(
         [sys.executable, "-m", "concord.tools.cli", "adapters", "--target", "sandbox", "--db", str(db),
-         "--group", group, "--session-timeout-ms", "6000"], env=env, stdout=log,
+         "--group", group, "--app-id", app_id, "--session-timeout-ms", "6000"], env=env, stdout=log,
         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=die_with_parent)
 
 

@@ -94,8 +94,7 @@ def run_demo(args: argparse.Namespace) -> int:
 
 def _demo_on(broker: Any, args: argparse.Namespace, stack: str, state_dir: Path) -> Any:
     """The demo on a running broker: worker, simulated business, target systems, report; returns the report."""
-    from concord.contracts import topics
-    from concord.tools.report import collect, end_offsets, render, start_group_at_end, watched_topics
+    from concord.tools.report import collect, end_offsets, render, start_deployment_at_end, watched_topics
     from concord.tools.simulator import LOSSES, Simulator
 
     port = args.web_port or free_port()
@@ -108,8 +107,9 @@ def _demo_on(broker: Any, args: argparse.Namespace, stack: str, state_dir: Path)
            "CONCORD_OWNER_TOKENS": ",".join(f"{t}={k}" for t, k in tokens.items()),
            "CONCORD_DATA_DIR": str(state_dir / "state"),
            "CONCORD_CANARY_INTERVAL_S": "0"}  # the report is about the simulated business alone
-    # this run's records only: on a shared broker a new group would otherwise replay every earlier run's
-    start_group_at_end(broker.bootstrap_servers, app_id, list(topics.WORKER_INPUTS))
+    # this run's records only: its own internal topics, and on a shared broker a new group would otherwise replay
+    # every earlier run's changes
+    names = start_deployment_at_end(broker.bootstrap_servers, app_id)
     with worker_process(broker.bootstrap_servers, port, app_id, state_dir / "worker.log", env):
         say(f"worker up (metrics on http://127.0.0.1:{port}/metrics, log {state_dir / 'worker.log'})")
         sim = Simulator(customers=args.customers, days=args.days, seed=args.seed, faults=LOSSES)
@@ -131,17 +131,17 @@ def _demo_on(broker: Any, args: argparse.Namespace, stack: str, state_dir: Path)
                 f"records ({s.crm}, {s.dispatch}, Stripe API {s.stripe_version})")
             # the real ends (the embedded broker reports its last batch's start): not an earlier run's records
             since = read_ends(broker.bootstrap_servers, end_offsets(broker.bootstrap_servers,
-                                                                   watched_topics(native=True)))
+                                                                   watched_topics(names, native=True)))
             with VendorFakes(feed.stack, state_dir / f"fakes-{app_id}") as vendors:
                 say(f"loopback vendor APIs serve the fetches: {', '.join(vendors.readers)}")
-                connector = ingest(broker.bootstrap_servers, native, progress=_progress("through the connectors"),
-                                   vendors=vendors)
+                connector = ingest(broker.bootstrap_servers, native, names,
+                                   progress=_progress("through the connectors"), vendors=vendors)
             published = connector.published
             sample = _sample_customer(published)
         else:
             records = list(sim.records())
             say(f"simulating {args.customers} customers over {args.days} days: {len(records)} records")
-            since = read_ends(broker.bootstrap_servers, end_offsets(broker.bootstrap_servers, watched_topics()))
+            since = read_ends(broker.bootstrap_servers, end_offsets(broker.bootstrap_servers, watched_topics(names)))
             published = sim.publish(broker.bootstrap_servers, records, progress=_progress("published"))
             sample = _sample_customer(records)
         try:
@@ -189,7 +189,7 @@ class TargetSystems:
 
     def __init__(self, bootstrap: str, state_dir: Path, app_id: str, sim: Any, confirm_within: float,
                  canonical: Any = None) -> None:
-        from concord.contracts.topics import TARGET_SYSTEMS
+        from concord.contracts.topics import TARGET_SYSTEMS, Deployment
         from concord.domain.flow_config import load_flow_config
         from concord.tools.simulator import Echoes, LossyTarget
         from connectors.outbound.consumer import Adapter
@@ -213,8 +213,8 @@ class TargetSystems:
         def run() -> None:
             self.target = LossyTarget(self.db, self.echoes, set(sim.injected["lost_invoice"]), seed=sim.seed,
                                       late_s=confirm_within * 1.5 + 2, canonical=canonical)
-            self.adapter = Adapter(bootstrap, self.target, list(TARGET_SYSTEMS), group=f"{app_id}-adapters",
-                                   log=self.log)
+            self.adapter = Adapter(bootstrap, self.target, list(TARGET_SYSTEMS), Deployment(app_id),
+                                   group=f"{app_id}-adapters", log=self.log)
             made.set()
             self.adapter.run()
 

@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from concord.contracts.codec import Codec
+from concord.contracts.topics import Deployment
 from concord.exceptions import ConcordError
 from concord.tools.simulator import Published, Simulator
 from connectors.fetch import fakes
@@ -664,7 +665,7 @@ class _Notices:
         self.consumer.close()
 
 
-def ingest(bootstrap: str, records: list[NativeRecord], chunk: int = 400,
+def ingest(bootstrap: str, records: list[NativeRecord], names: Deployment, chunk: int = 400,
            progress: Callable[[int, int], None] | None = None, vendors: VendorFakes | None = None) -> Ingested:
     """Run ``records`` through ``normalize`` and ``Publisher`` (``concord ingest``'s path), chunk by chunk.
 
@@ -672,7 +673,8 @@ def ingest(bootstrap: str, records: list[NativeRecord], chunk: int = 400,
     ``restart`` meets a connector with no dedupe memory (no ``--dedupe-file``), as after a restart. With
     ``vendors``, a chunk ends at each record that became a gap notice: the notice is read back from the broker
     and answered by the fetcher (``connectors.fetch.fetcher``) from the vendor's API before the next record is
-    delivered — the business's next change comes hours later, a fetch moments after its notification.
+    delivered — the business's next change comes hours later, a fetch moments after its notification. A fetch
+    that fails raises its exception on the queue of the deployment ``names``.
     """
     ctx = c.Context(identity=IdentityMap(None))
     memory = Deduper()
@@ -693,7 +695,7 @@ def ingest(bootstrap: str, records: list[NativeRecord], chunk: int = 400,
             part.append(r)
             per_record.append(b)
             if len(part) >= chunk or i == len(records) or (fetcher is not None and b.gaps):
-                _flush(pub, part, per_record, result, memory, fetcher, notices)
+                _flush(pub, part, per_record, result, memory, fetcher, notices, names)
                 done += len(part)
                 part, per_record, view = [], [], _Pending(memory)
                 if progress:
@@ -706,7 +708,7 @@ def ingest(bootstrap: str, records: list[NativeRecord], chunk: int = 400,
 
 
 def _flush(pub: Publisher, part: list[NativeRecord], per_record: list[Batch], result: Ingested, memory: Deduper,
-           fetcher: Fetcher | None, notices: _Notices | None) -> None:
+           fetcher: Fetcher | None, notices: _Notices | None, names: Deployment) -> None:
     """Publish a chunk, answer its gap notices through the fetcher, and count every record's outcome."""
     gaps: list[tuple[tuple[str, int, int], int]] = []  # where a gap notice landed, and its record
     for source in sorted({r.source for r in part}):
@@ -734,7 +736,7 @@ def _flush(pub: Publisher, part: list[NativeRecord], per_record: list[Batch], re
         for notice, (_, k) in zip(notices.take([w for w, _ in gaps]), gaps, strict=True):
             result.fetches["notices"] += 1
             out = fetcher.handle(notice)  # FetchStalled (a fake that stayed down) ends the demo: nothing is guessed
-            for where, what in zip(publish_fetched(pub, out), ["event"] * len(out.batch.events)
+            for where, what in zip(publish_fetched(pub, out, names), ["event"] * len(out.batch.events)
                                    + ["fetch"] * len(out.batch.deadletters), strict=True):
                 if what == "event":
                     result.published.append(Published(*where, part[k].fault, part[k].customer_id))

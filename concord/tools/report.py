@@ -237,10 +237,20 @@ def start_group_at_end(bootstrap: str, group: str, names: list[str]) -> None:
         c.close()
 
 
-def watched_topics(native: bool = False) -> list[str]:
-    """The topics the report reads: decisions, commands, exceptions and dead letters (and the connectors')."""
+def start_deployment_at_end(bootstrap: str, app_id: str) -> topics.Deployment:
+    """Create the deployment ``app_id``'s own topics and start its worker group at today's end of all it reads."""
+    from concord.runtime.broker import ensure_topics
+
+    names = topics.Deployment(app_id)
+    ensure_topics(bootstrap, names.specs)
+    start_group_at_end(bootstrap, app_id, list(names.worker_inputs))
+    return names
+
+
+def watched_topics(names: topics.Deployment, native: bool = False) -> list[str]:
+    """What the report reads: decisions, commands, the deployment's exceptions, dead letters (and the connectors')."""
     return [topics.AUDIT.name, topics.COMMAND_OUTCOMES.name, *(t.name for t in topics.COMMANDS),
-            *(t.name for t in topics.EXCEPTIONS), *WORK_TOPICS,
+            *names.exception_queues, *WORK_TOPICS,
             *(t.name for t in topics.DEADLETTERS), *(t.name for t in topics.INGEST_DEADLETTERS if native)]
 
 
@@ -303,7 +313,7 @@ def collect(bootstrap: str, published: list[Published], since: dict[tuple[str, i
                     report.commands[rec["type"]] += 1
                     report.duplicate_command_ids += rec["command_id"] in seen_commands
                     seen_commands.add(rec["command_id"])
-                elif topic.startswith("exceptions."):
+                elif topics.is_exception_queue(topic):
                     _follow(report.lives, rec)
                 elif topic.startswith("deadletter.ingest."):
                     report.ingest_dead_letters[(topic, rec["stage"])] += 1

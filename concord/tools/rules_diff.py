@@ -91,7 +91,7 @@ def replay(events: Iterable[dict[str, Any]], cfg: FlowConfig, routing: Routing, 
             if o.topic.startswith("commands."):
                 cmd = codec.decode(o.value)[1]
                 out.commands[cmd["command_id"]] = cmd
-            elif o.topic.startswith("exceptions."):
+            elif o.topic in harness.names.exception_queues:
                 rec = codec.decode(o.value)[1]
                 if rec["state"] == "open" and rec["exception_id"] not in out.opened:
                     out.opened[rec["exception_id"]] = rec

@@ -261,8 +261,8 @@ def start_stack(state: Path, *, free_ports: bool = False, scrape_interval: str |
                               f"http://127.0.0.1:{p}/webhooks", f"http://127.0.0.1:{p}/healthz"))
         p = ports["adapters"]
         started.append(_spawn(stack, "adapters", [py, "-m", "concord", "adapters", "--target", "sandbox", "--db",
-                                                  str(state / "sandbox.db"), "--metrics-host", "127.0.0.1",
-                                                  "--metrics-port", str(p)],
+                                                  str(state / "sandbox.db"), "--app-id", settings["CONCORD_APP_ID"],
+                                                  "--metrics-host", "127.0.0.1", "--metrics-port", str(p)],
                               base, f"http://127.0.0.1:{p}/metrics", f"http://127.0.0.1:{p}/metrics"))
         for svc in started:
             _healthy(svc, timeout)

@@ -39,11 +39,16 @@ def run(args: argparse.Namespace) -> int:
     except (PermanentReadError, ConcordError) as exc:
         print(f"concord fetch: error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    from concord.contracts.topics import CHANGES, EXCEPTIONS, INGEST_DEADLETTERS
+    from concord.contracts.topics import CHANGES, INGEST_DEADLETTERS, Deployment
     from concord.runtime.broker import ensure_topics
 
     try:
-        ensure_topics(bootstrap, [*CHANGES, *INGEST_DEADLETTERS, *EXCEPTIONS])
+        names = Deployment(args.app_id)
+    except ConcordError as exc:
+        print(f"concord fetch: error: --app-id: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        ensure_topics(bootstrap, [*CHANGES, *INGEST_DEADLETTERS, *names.specs])
     except Exception as exc:  # noqa: BLE001 - any admin failure means the broker is not usable
         print(f"concord fetch: error: broker at {bootstrap} did not answer: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -51,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"concord fetch: reading gap notices of {', '.join(sources)} from {bootstrap} (group {args.group})",
           file=sys.stderr, flush=True)
     try:
-        summary = f.run(bootstrap, fetcher, sources, args.group, args.concurrency,
+        summary = f.run(bootstrap, fetcher, names, sources, args.group, args.concurrency,
                         log=lambda text: print(text, file=sys.stderr, flush=True))
     except (f.FetchStalled, PublishError) as exc:
         print(f"concord fetch: error: {exc}; not committed, the notice is fetched again on restart", file=sys.stderr)
@@ -82,6 +87,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sources", default=",".join(f.SOURCES),
                    help="comma-separated: stripe, hubspot, jobber, salesforce (default all four)")
     p.add_argument("--group", default="concord-fetcher", help="consumer group (default concord-fetcher)")
+    p.add_argument("--app-id", default=os.environ.get("CONCORD_APP_ID", "concord"),
+                   help="the deployment whose exception queues get fetch_failed (default $CONCORD_APP_ID or concord)")
     p.add_argument("--concurrency", type=int, default=8, help="requests in flight (default 8)")
     p.add_argument("--attempts", type=int, default=8, help="tries per record before stopping uncommitted (default 8)")
     p.add_argument("--identity", default=os.environ.get("CONCORD_IDENTITY_FILE", DEFAULT_PATH),

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from concord.contracts.codec import Codec
-from concord.contracts.topics import SOURCE_OF, deadletter_topic, exceptions_topic
+from concord.contracts.topics import SOURCE_OF, Deployment, deadletter_topic
 from concord.domain.ids import stable_id
 from concord.domain.routing import Routing, load_routing
 from concord.exceptions import ConcordError
@@ -273,9 +273,13 @@ class RunSummary:
     skipped: int = 0
 
 
-def run(bootstrap: str, fetcher: Fetcher, sources: tuple[str, ...] = SOURCES, group: str = "concord-fetcher",
-        concurrency: int = 8, idle_exit_s: float | None = None, log: Callable[[str], None] = print) -> RunSummary:
-    """Consume gap notices of ``sources`` until stopped (or idle for ``idle_exit_s``); commit after publishing."""
+def run(bootstrap: str, fetcher: Fetcher, names: Deployment, sources: tuple[str, ...] = SOURCES,
+        group: str = "concord-fetcher", concurrency: int = 8, idle_exit_s: float | None = None,
+        log: Callable[[str], None] = print) -> RunSummary:
+    """Consume gap notices of ``sources`` until stopped (or idle for ``idle_exit_s``); commit after publishing.
+
+    A notice that cannot be fetched raises its exception on the queue of the deployment ``names``.
+    """
     from confluent_kafka import Consumer
 
     codec = Codec()
@@ -310,7 +314,7 @@ def run(bootstrap: str, fetcher: Fetcher, sources: tuple[str, ...] = SOURCES, gr
                 if fetcher.stop.is_set():
                     break  # stopped mid-batch: publish and commit nothing, the notices come back
                 for r in results:
-                    publish_fetched(publisher, r, codec)
+                    publish_fetched(publisher, r, names, codec)
                     if r.exceptions:
                         summary.failed += 1
                         log(f"concord fetch: {r.batch.deadletters[0].record['error']}")
@@ -323,18 +327,21 @@ def run(bootstrap: str, fetcher: Fetcher, sources: tuple[str, ...] = SOURCES, gr
     return summary
 
 
-def publish_fetched(publisher: Publisher, result: Fetched, codec: Codec | None = None) -> list[tuple[str, int, int]]:
-    """Publish what one notice came to (snapshots, or its dead letter and exception); where the batch landed."""
+def publish_fetched(publisher: Publisher, result: Fetched, names: Deployment,
+                    codec: Codec | None = None) -> list[tuple[str, int, int]]:
+    """Publish what one notice came to (snapshots, or its dead letter and exception); where the batch landed.
+
+    An exception goes to the queue of the deployment ``names``.
+    """
     landed = publisher.publish(result.batch)
     for rec in result.exceptions:
-        _publish_exception(publisher, codec or publisher.codec, rec)
+        _publish_exception(publisher, codec or publisher.codec, rec, names.exceptions(rec["owner"]))
     return landed
 
 
-def _publish_exception(publisher: Publisher, codec: Codec, rec: dict[str, Any]) -> None:
+def _publish_exception(publisher: Publisher, codec: Codec, rec: dict[str, Any], topic: str) -> None:
     from connectors.inbound.ingest import PublishError
 
-    topic = exceptions_topic(rec["owner"])
     errors: list[Any] = []
     publisher.producer.produce(topic, key=rec["exception_id"].encode(), value=codec.encode("exception", rec, topic),
                                on_delivery=lambda err, _m: errors.append(err) if err else None)

@@ -9,7 +9,7 @@ import signal
 import sys
 from typing import Any
 
-from concord.contracts.topics import COMMAND_OUTCOMES, COMMANDS, EXCEPTIONS, TARGET_SYSTEMS
+from concord.contracts.topics import COMMAND_OUTCOMES, COMMANDS, TARGET_SYSTEMS, Deployment
 from connectors.outbound.base import FatalError, Target
 from connectors.outbound.consumer import Adapter, AdapterError, RetryPolicy
 
@@ -59,7 +59,13 @@ def run(args: argparse.Namespace) -> int:
         return _usage(f"the {args.target} target serves {','.join(sorted(SERVES[args.target]))} only")
     if args.max_attempts < 1 or args.backoff <= 0 or args.max_backoff < args.backoff:
         return _usage("need --max-attempts >= 1 and 0 < --backoff <= --max-backoff")
+    from concord.exceptions import ConfigError
     from concord.runtime.broker import ensure_topics, open_broker
+
+    try:
+        names = Deployment(args.app_id)
+    except ConfigError as exc:
+        return _usage(f"--app-id: {exc}")
 
     with contextlib.ExitStack() as stack:
         bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
@@ -74,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
             return 1
         if not args.no_create_topics:
             try:
-                ensure_topics(bootstrap, [*COMMANDS, *EXCEPTIONS, COMMAND_OUTCOMES], timeout=args.timeout)
+                ensure_topics(bootstrap, [*COMMANDS, *names.specs, COMMAND_OUTCOMES], timeout=args.timeout)
             except Exception as exc:
                 target.close()
                 print(f"concord adapters: broker at {bootstrap} did not answer: {exc}", file=sys.stderr)
@@ -85,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
             from concord.runtime.metrics import REGISTRY
 
             start_http_server(args.metrics_port, addr=args.metrics_host, registry=REGISTRY)
-        adapter = Adapter(bootstrap, target, systems, group=args.group,
+        adapter = Adapter(bootstrap, target, systems, names, group=args.group,
                           retry=RetryPolicy(args.backoff, args.max_backoff, args.max_attempts),
                           session_timeout_ms=args.session_timeout_ms)
         previous: dict[int, Any] = {}
@@ -133,6 +139,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "hubspot: API base (env HUBSPOT_API_BASE)")
     p.add_argument("--currency", default="usd", help="stripe: currency of lines without a price id (default usd)")
     p.add_argument("--group", help="consumer group (default concord-adapters-<target>)")
+    p.add_argument("--app-id", default=os.environ.get("CONCORD_APP_ID", "concord"),
+                   help="the deployment whose exception queues get rejected commands (default $CONCORD_APP_ID or "
+                   "concord)")
     p.add_argument("--once", action="store_true", help="apply what is on the topics now, then exit")
     p.add_argument("--max-attempts", type=int, default=8, help="attempts per command on transient failures (8)")
     p.add_argument("--backoff", type=float, default=0.2, help="first retry delay in seconds, doubling (0.2)")

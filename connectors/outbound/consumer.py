@@ -29,7 +29,7 @@ from typing import Any, TextIO
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
 from concord.contracts.codec import Codec
-from concord.contracts.topics import COMMAND_OUTCOMES, commands_topic, deadletter_topic, exceptions_topic
+from concord.contracts.topics import COMMAND_OUTCOMES, Deployment, commands_topic, deadletter_topic
 from concord.domain.routing import Routing, load_routing
 from concord.domain.rules import stable_id
 from concord.exceptions import ConcordError, DecodeError
@@ -85,15 +85,20 @@ class Summary:
 
 
 class Adapter:
-    """Consumes ``commands.<system>`` for ``systems`` and applies them through ``target``."""
+    """Consumes ``commands.<system>`` for ``systems`` and applies them through ``target``.
 
-    def __init__(self, bootstrap: str, target: Target, systems: list[str], group: str | None = None,
+    A command the target rejects raises its exception on the queue of the deployment ``names``.
+    """
+
+    def __init__(self, bootstrap: str, target: Target, systems: list[str], names: Deployment,
+                 group: str | None = None,
                  retry: RetryPolicy | None = None, session_timeout_ms: int = 6000, codec: Codec | None = None,
                  routing: Routing | None = None, log: TextIO | None = None, produce_timeout: float = 30.0,
                  report_outcomes: bool = True) -> None:
         self.bootstrap = bootstrap
         self.target = target
         self.topics = [commands_topic(s) for s in systems]
+        self.names = names
         self.group = group or f"concord-adapters-{target.name}"
         self.retry = retry or RetryPolicy()
         self.session_timeout_ms = session_timeout_ms
@@ -188,7 +193,7 @@ class Adapter:
         exc_rec = self.routing.route(draft, now)
         exc_rec["original"] = {"topic": origin.topic, "partition": origin.partition, "offset": origin.offset,
                                "key": origin.key, "value": origin.value or b""}
-        topic = exceptions_topic(exc_rec["owner"])
+        topic = self.names.exceptions(exc_rec["owner"])
         self._publish(topic, exc_rec["exception_id"].encode(), self.codec.encode("exception", exc_rec, topic), (),
                       f"the rejection of {rec['command_id']}")
         self._say(f"rejected {rec['type']} {rec['command_id']} -> {topic} ({exc_rec['exception_id']}): {said}")

@@ -14,9 +14,10 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
-from kafka_helpers import end_offsets, produce, read_until
+from kafka_helpers import deployment, end_offsets, produce, read_until
 from kafka_helpers import start_group_at_end as start_at_end
 
+from concord.contracts import topics
 from concord.contracts.codec import Codec
 from concord.domain.rules import stable_id
 from concord.runtime.metrics import REGISTRY
@@ -28,6 +29,7 @@ from connectors.outbound.sandbox import SandboxTarget
 from connectors.outbound.stripe_target import StripeTarget
 
 CODEC = Codec()
+NAMES = topics.Deployment("concord-test-adapters")  # no broker: where a rejection would be raised
 FAST = RetryPolicy(initial=0.01, maximum=0.05, attempts=4)
 
 
@@ -395,7 +397,7 @@ def test_adapter_retries_transient_failures_then_applies(uid: str) -> None:
     fake = FakeStripe()
     fake.server.fail_next.extend([500, 503])
     a = Adapter("127.0.0.1:1", StripeTarget(api_key="sk_test_concord", api_base=fake.server.url), ["billing"],
-                retry=FAST, report_outcomes=False)  # no broker here: outcomes are tested on the broker
+                NAMES, retry=FAST, report_outcomes=False)  # no broker here: outcomes are tested on the broker
     before = REGISTRY.get_sample_value("concord_adapter_commands_total",
                                        {"target": "stripe", "type": "create_invoice", "outcome": "retried"}) or 0
     try:
@@ -417,7 +419,7 @@ def test_adapter_retries_transient_failures_then_applies(uid: str) -> None:
 
 def test_adapter_gives_up_without_committing_and_stops_on_fatal(uid: str) -> None:
     rcv = Receiver()
-    a = Adapter("127.0.0.1:1", HttpTarget(rcv.server.url), ["dispatch"], retry=FAST,
+    a = Adapter("127.0.0.1:1", HttpTarget(rcv.server.url), ["dispatch"], NAMES, retry=FAST,
                 report_outcomes=False)
     try:
         rcv.server.fail_next.extend([503] * FAST.attempts)
@@ -455,6 +457,7 @@ def test_redelivered_command_has_one_effect_and_bad_bytes_do_not_stop(broker: An
     monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", bs)
     group, db = f"adapters-{uid}", str(tmp_path / "sandbox.db")
     start_group_at_end(bs, group, "commands.billing")
+    names = deployment(bs, f"concord-test-{uid}")  # the adapter raises rejections on this deployment's queues
     inv = invoice_cmd(uid)
     void = command("void_invoice", {"invoice_id": f"in_none_{uid}", "job_id": f"job-{uid}", "reason": "x"}, uid,
                    entity="invoice")
@@ -462,8 +465,9 @@ def test_redelivered_command_has_one_effect_and_bad_bytes_do_not_stop(broker: An
     value = CODEC.encode("command", inv)
     produce(bs, [("commands.billing", key, b"not avro at all"), *[("commands.billing", key, value)] * 3,
                  ("commands.billing", void["entity_id"].encode(), CODEC.encode("command", void))])
-    since = end_offsets(bs, ["exceptions.revenue-ops", "deadletter.commands.billing"])
-    args = ["adapters", "--target", "sandbox", "--topics", "billing", "--db", db, "--once", "--group", group]
+    since = end_offsets(bs, [names.exceptions("revenue-ops"), "deadletter.commands.billing"])
+    args = ["adapters", "--target", "sandbox", "--topics", "billing", "--db", db, "--once", "--group", group,
+            "--app-id", names.app_id]
     started = time.monotonic()
     assert cli.main(args) == 0
     first_run = time.monotonic() - started
@@ -500,12 +504,14 @@ def test_stripe_adapter_retries_and_rejects_on_the_broker(broker: Any, uid: str,
     fake.server.fail_next.append(500)
     group = f"adapters-stripe-{uid}"
     start_group_at_end(bs, group, "commands.billing")
+    names = deployment(bs, f"concord-test-{uid}")
     good, bad = invoice_cmd(uid), invoice_cmd(uid, customer="cus_missing")
     produce(bs, [("commands.billing", r["entity_id"].encode(), CODEC.encode("command", r)) for r in (bad, good)])
-    since = end_offsets(bs, ["exceptions.revenue-ops", "deadletter.commands.billing"])
+    since = end_offsets(bs, [names.exceptions("revenue-ops"), "deadletter.commands.billing"])
     try:
         rc = cli.main(["adapters", "--target", "stripe", "--topics", "billing", "--base-url", fake.server.url,
-                       "--once", "--group", group, "--backoff", "0.05", "--max-backoff", "0.2"])
+                       "--once", "--group", group, "--backoff", "0.05", "--max-backoff", "0.2",
+                       "--app-id", names.app_id])
     finally:
         fake.server.close()
     err = capsys.readouterr().err

@@ -25,7 +25,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
-from kafka_helpers import end_offsets, produce, read_until
+from kafka_helpers import deployment, end_offsets, produce, read_until
 from test_adapters import Receiver, start_group_at_end
 
 from concord.contracts.codec import Codec
@@ -551,15 +551,16 @@ def test_crm_adapter_on_the_broker(vendor_name: str, broker: Any, uid: str, monk
     fake.server.fail_next.append((503, {"message": "down for maintenance"}))
     group = f"adapters-{vendor_name}-{uid}"
     start_group_at_end(bs, group, "commands.crm")
+    names = deployment(bs, f"concord-test-{uid}")  # the adapter raises rejections on this deployment's queues
     recs = []
     for deal in (good, good, missing):  # the good one delivered twice
         c = crm_cmd(deal, key=uid)
         recs.append({**c.__dict__, "payload": json.dumps(c.payload), "source_occurred_at": None})
     produce(bs, [("commands.crm", r["entity_id"].encode(), CODEC.encode("command", r)) for r in recs])
-    since = end_offsets(bs, ["exceptions.revenue-ops"])
+    since = end_offsets(bs, [names.exceptions("revenue-ops")])
     try:
         rc = cli.main(["adapters", "--target", vendor_name, "--topics", "crm", "--once", "--group", group,
-                       "--backoff", "0.05", "--max-backoff", "0.2"])
+                       "--backoff", "0.05", "--max-backoff", "0.2", "--app-id", names.app_id])
     finally:
         fake.server.close()
     err = capsys.readouterr().err

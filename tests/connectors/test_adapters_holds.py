@@ -46,7 +46,7 @@ def test_adapters_apply_nothing_for_the_canary(tmp_path):
     pipeline = InProcess().pipeline
     out = pipeline.billing_hold({**EXC, "customer_id": "canary:concord"}, 1_000, hold=True)
     db = tmp_path / "sandbox.db"
-    adapter = Adapter("127.0.0.1:1", SandboxTarget(db), ["billing"])
+    adapter = Adapter("127.0.0.1:1", SandboxTarget(db), ["billing"], pipeline.names)
     assert adapter.handle(Origin("commands.billing", 0, 0, out.key, out.value)) == "canary"
     with sqlite3.connect(db) as c:
         assert c.execute("SELECT count(*) FROM effects").fetchone() == (0,)

@@ -40,7 +40,8 @@ pytestmark = pytest.mark.broker
 NOW = 1_767_225_600_000  # 2026-01-01T00:00:00Z
 HOUR = 3_600_000
 LINES = [ev.line("SVC-INSTALL", 1, 50_000, "Installation")]
-WATCH = [t.name for t in (*topics.COMMANDS, *topics.EXCEPTIONS)]
+NAMES = topics.Deployment("concord-dbz")  # the stack's worker
+WATCH = [*(t.name for t in topics.COMMANDS), *NAMES.exception_queues]
 
 
 def ts(ms: int) -> datetime:
@@ -66,7 +67,7 @@ def stack(tmp_path_factory) -> Iterator[dict]:
             pg.psql("CREATE DATABASE dispatch")
             pg.psql((CONNECT_DIR / "dispatch-jobs.sql").read_text(), "dispatch")
             bs = kafka.bootstrap_servers
-            ensure_topics(bs)
+            ensure_topics(bs, NAMES.topics)  # the shared topics and the worker's own, before anything reads them
             connect = start_connect(bs, {"DISPATCH_DB_HOST": "127.0.0.1", "DISPATCH_DB_PORT": str(pg.port),
                                          "DISPATCH_DB_USER": pg.user, "DISPATCH_DB_PASSWORD": "",
                                          "DISPATCH_DB_NAME": "dispatch"},
@@ -77,7 +78,7 @@ def stack(tmp_path_factory) -> Iterator[dict]:
         except ConcordError as exc:  # missing Java, mvn, jars or PostgreSQL: say which, as a failure
             pytest.fail(f"the Debezium stack could not start: {exc}", pytrace=False)
         up = time.monotonic() - t0
-        stop.enter_context(worker_process(bs, free_port(), "concord-dbz", root / "worker.log",
+        stop.enter_context(worker_process(bs, free_port(), NAMES.app_id, root / "worker.log",
                                           {"CONCORD_DATA_DIR": str(root / "w")}))
         relay_log = stop.enter_context(open(root / "relay.log", "ab"))
         relay = subprocess.Popen(
@@ -174,7 +175,7 @@ def test_postgres_rows_through_debezium_issue_the_canonical_paths_commands(stack
 
     def done(got):
         cmds = {g.record["command_id"] for g in got if g.topic.startswith("commands.") and g.record}
-        excs = {g.record["exception_id"] for g in got if g.topic.startswith("exceptions.") and g.record}
+        excs = {g.record["exception_id"] for g in got if g.topic in NAMES.exception_queues and g.record}
         return want_ids <= cmds and want_exc_ids <= excs
 
     got = read_until(bs, since, done, timeout=120)
@@ -197,7 +198,7 @@ def test_postgres_rows_through_debezium_issue_the_canonical_paths_commands(stack
               and uid in (g.record["customer_id"] or "")}
     assert issued == want_cmds
     opened = {(g.record["exception_id"], g.record["reason_code"], g.record["entity_id"]) for g in got
-              if g.topic.startswith("exceptions.") and g.record and uid in (g.record["customer_id"] or "")
+              if g.topic in NAMES.exception_queues and g.record and uid in (g.record["customer_id"] or "")
               and g.record["state"] == "open"}
     assert opened == want_excs
     assert stack["relay"].poll() is None and stack["connect"].alive()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from http_helpers import serve
-from kafka_helpers import end_offsets, read_until, start_group_at_end
+from kafka_helpers import deployment, end_offsets, read_until, start_group_at_end
 from test_adapters_crm import tls  # noqa: F401 - the self-signed loopback certificate fixture
 
 from concord.contracts import topics
@@ -278,6 +278,7 @@ def test_the_fetcher_publishes_snapshots_and_a_fetcher_killed_mid_request_commit
     group = f"fetch-{uid}"
     notices = [topics.deadletter_topic("ingest.stripe")]
     start_group_at_end(bootstrap, group, notices)
+    names = deployment(bootstrap, f"concord-test-{uid}")  # where a failed fetch would raise its exception
     invoices = topics.changes_topic("billing", "invoice")
     since = end_offsets(bootstrap, [invoices])
     released = asyncio.Event()
@@ -291,7 +292,8 @@ def test_the_fetcher_publishes_snapshots_and_a_fetcher_killed_mid_request_commit
     with serve(stripe_app(script, KEY)) as base:
         _notice_on_the_broker(bootstrap, thin(uid))
         first = make({"stripe": StripeReader(KEY, base)})
-        t = threading.Thread(target=f.run, args=(bootstrap, first, ("stripe",), group), kwargs={"log": lambda _: None})
+        t = threading.Thread(target=f.run, args=(bootstrap, first, names, ("stripe",), group),
+                             kwargs={"log": lambda _: None})
         t.start()
         deadline = time.monotonic() + 60
         while f"in_{uid}" not in script.calls and time.monotonic() < deadline:
@@ -303,7 +305,7 @@ def test_the_fetcher_publishes_snapshots_and_a_fetcher_killed_mid_request_commit
         assert not t.is_alive()
         assert end_offsets(bootstrap, [invoices]) == since, "nothing published"
         second = make({"stripe": StripeReader(KEY, base)})
-        t2 = threading.Thread(target=f.run, args=(bootstrap, second, ("stripe",), group),
+        t2 = threading.Thread(target=f.run, args=(bootstrap, second, names, ("stripe",), group),
                               kwargs={"log": lambda _: None})
         t2.start()
         try:

@@ -44,7 +44,7 @@ def test_a_2mb_record_keeps_a_prefix_its_size_and_sha256_and_fits():
 @given(key=st.integers(0, 20_000), value=st.integers(0, 1_200_000), error=st.integers(0, 50_000),
        limit=st.sampled_from([100_000, DEFAULT_MAX_RECORD_BYTES]), text=st.sampled_from(["x", "é", "\u2603"]))
 def test_whatever_the_sizes_the_dead_letter_fits_its_limit(key, value, error, limit, text):
-    origin = Origin("exceptions.revenue-ops", 3, 9, b"k" * key, b"v" * value)
+    origin = Origin("concord-exceptions.revenue-ops", 3, 9, b"k" * key, b"v" * value)
     dl = dead_letter(origin, "process", "RuleError", text * error, 1, limit)
     assert produced_size(dl) <= limit
     assert origin.value.startswith(dl.value) and origin.key.startswith(dl.key)

@@ -110,6 +110,7 @@ def test_decode_checks_the_schema_the_topic_declares():
     command = codec.encode("control", {"action": "tick", "guard_key": None, "actor": None, "at": 1})
     with pytest.raises(SchemaMismatch, match="a valid control record where schemas/change_event.avsc is declared"):
         codec.decode_topic("changes.crm.deal", command)
-    assert codec.decode_topic("guard.controls", command)[1]["action"] == "tick"
+    assert codec.decode_topic("concord-guard.controls", command)[1]["action"] == "tick"
+    assert codec.decode_topic("other-app-guard.controls", command)[1]["action"] == "tick"  # any deployment's
     with pytest.raises(ConfigError, match="'changes.crm.widget' is not declared"):
         codec.decode_topic("changes.crm.widget", command)

@@ -133,3 +133,27 @@ def test_an_event_decided_before_its_entity_was_blocked_is_not_parked_when_deliv
     h.redeliver_accepted()
     assert json.dumps(h.statuses[b"c1"]["parked"], sort_keys=True) == parked, "nothing decided before is parked"
     assert first_accepted == 2 and [d["outcome"] for d in decisions(h)].count("parked") == 0
+
+
+def holds(h):
+    return [c["type"] for c in h.commands() if c["type"] in ("hold_billing", "release_billing_hold")]
+
+
+def test_the_sla_check_escalates_once_and_holds_billing_until_the_owner_resolves():
+    h, exc = blocked()
+    key = exc["exception_id"].encode()
+    h.clock["now"] = exc["sla_deadline"] - 1
+    h.escalate()
+    assert [e["state"] for e in h.exceptions()] == ["open"] and holds(h) == []
+    h.clock["now"] = exc["sla_deadline"]
+    h.escalate()
+    h.escalate()  # the tracker has it escalated: nothing is due twice
+    escalated = [e for e in h.exceptions() if e["state"] == "escalated"]
+    assert [(e["owner"], e["backup_owner"]) for e in escalated] == [("finance", "revenue-ops")]
+    assert h.exception_records[key]["state"] == "escalated" and holds(h) == ["hold_billing"]
+    action(h, exc["exception_id"], patch={"billing_account_id": "cus_1"})
+    assert h.exception_records[key]["state"] == "resolved"
+    assert holds(h) == ["hold_billing", "release_billing_hold"]
+    h.clock["now"] = exc["sla_deadline"] * 2
+    h.escalate()
+    assert h.exceptions()[-1]["state"] == "resolved", "a closed exception is never escalated"

@@ -30,8 +30,7 @@ from typing import Any, TypeVar
 
 import pytest
 import yaml
-from confluent_kafka import Consumer, TopicPartition
-from kafka_helpers import CODEC, end_offsets, produce, read_until
+from kafka_helpers import CODEC, committed, deployment, end_offsets, produce, read_until
 
 from concord.contracts import topics
 from concord.runtime.broker import free_port
@@ -97,17 +96,6 @@ def tail(path: Path, lines: int = 60) -> str:
     except OSError as exc:
         return f"({path}: {exc})"
     return "\n".join(text.splitlines()[-lines:])
-
-
-def committed(bootstrap: str, group: str, names: list[str]) -> dict[tuple[str, int], int]:
-    """The offsets consumer group ``group`` committed on every partition of ``names`` (negative: none)."""
-    c = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False})
-    try:
-        md = c.list_topics(timeout=10)
-        tps = [TopicPartition(t, p) for t in names for p in md.topics[t].partitions]
-        return {(tp.topic, tp.partition): tp.offset for tp in c.committed(tps, timeout=10)}
-    finally:
-        c.close()
 
 
 def http_json(url: str) -> Any:
@@ -179,8 +167,10 @@ class Live:
 
 def resolve_one(live: Live, since: dict[tuple[str, int], int], token: str, prefix: str) -> None:
     """Act as revenue-ops: resolve one of this round's missing billing accounts with Concord's first suggestion."""
+    queue = topics.Deployment(live.app_id).exceptions("revenue-ops")
+
     def first_open(got: list[Any]) -> Any:
-        return next((g.record for g in got if g.topic == "exceptions.revenue-ops" and g.record
+        return next((g.record for g in got if g.topic == queue and g.record
                      and g.record["reason_code"] == "missing_billing_account" and g.record["suggestions"]
                      and (g.record["customer_id"] or "").startswith(prefix)), None)
 
@@ -278,6 +268,7 @@ def live(broker, tmp_path_factory) -> Iterator[Live]:
     # SLAs shrink (4 h -> 2.9 s) so some run out and escalate while Prometheus watches.
     env = {"CONCORD_DATA_DIR": str(tmp / "worker"), "CONCORD_GAP_WAIT_S": "1", "CONCORD_SLA_SCALE": "0.0002",
            "CONCORD_OWNER_TOKENS": f"revenue-ops={token}", "CONCORD_CANARY_INTERVAL_S": "1"}
+    names = deployment(bs, app_id)  # the worker's own topics, there before anything reads them
     with worker_process(bs, port, app_id, tmp / "worker.log", env):
         live = Live(bs, f"http://127.0.0.1:{port}", tmp / "worker.log", "", tmp / "prometheus.log", app_id, target,
                     sim_dead_letters)
@@ -309,7 +300,7 @@ def live(broker, tmp_path_factory) -> Iterator[Live]:
             live.wait("Prometheus scrapes the worker (up == 1)",
                       lambda: any(s["value"][1] == "1" for s in live.query('up{job="concord"}')))
             for sim, records in zip(sims, rounds, strict=True):
-                since = end_offsets(bs, [topics.AUDIT.name, "exceptions.revenue-ops", "exceptions.finance"])
+                since = end_offsets(bs, [topics.AUDIT.name, *(names.exceptions(o) for o in ("revenue-ops", "finance"))])
                 published = sim.publish(bs, records)
                 assert len(published) == len(records)
                 wait_for_decisions(live, published, {k: v for k, v in since.items() if k[0] == topics.AUDIT.name})

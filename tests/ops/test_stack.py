@@ -112,7 +112,8 @@ def replay_until_a_series_grows(live: Live, since: dict, token: str, prefix: str
     Each worker's concord_replays_total series starts at its first replay, which a rate cannot see; with two
     workers, three replays (each scraped before the next) give one worker two, so its series grows.
     """
-    topic = "exceptions.revenue-ops"  # the rounds' decisions are all made: read what they opened, to its end
+    topic = topics.Deployment(live.app_id).exceptions("revenue-ops")  # the rounds' decisions are all made: read
+    # what they opened, to its end
     start = {tp: o for tp, o in since.items() if tp[0] == topic}
     want = sum(end_offsets(live.bootstrap, [topic]).get(tp, o) - o for tp, o in start.items())
     latest: dict[str, dict] = {}
@@ -171,7 +172,8 @@ def test_make_stack_runs_the_deployment_and_prometheus_sees_all_of_it(figure):
         bs = info["bootstrap"]
         state = Path(info["state"])
         live = Live(bs, urls["worker-1"], state / "logs" / "worker-1.log", urls["prometheus"],
-                    state / "logs" / "prometheus.log", "concord", "", set())
+                    state / "logs" / "prometheus.log", load_settings()["CONCORD_APP_ID"], "", set())
+        queue = topics.Deployment(live.app_id).exceptions("revenue-ops")  # the stack's workers' queue
         # what Prometheus should scrape: every job of ops/prometheus/prometheus.yml, each target up
         want_jobs = {j["job_name"]: sum(len(sc["targets"]) for sc in j["static_configs"])
                      for j in yaml.safe_load(PROMETHEUS_CONFIG.read_text())["scrape_configs"]}
@@ -192,9 +194,9 @@ def test_make_stack_runs_the_deployment_and_prometheus_sees_all_of_it(figure):
                 for n in (1, 2)]
         rounds = [list(sim.records()) for sim in sims]
         assert dead_letter_labels(rounds[0])
-        first = end_offsets(bs, ["exceptions.revenue-ops"])
+        first = end_offsets(bs, [queue])
         for n, (sim, records) in enumerate(zip(sims, rounds, strict=True)):
-            since = end_offsets(bs, [topics.AUDIT.name, "exceptions.revenue-ops"])
+            since = end_offsets(bs, [topics.AUDIT.name, queue])
             published = sim.publish(bs, records)
             with psycopg.connect(dsn, autocommit=True) as db:  # the dispatch system's own rows, through Debezium
                 for i in range(5):

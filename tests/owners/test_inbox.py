@@ -168,14 +168,15 @@ def test_the_inbox_bench_measures_a_page_that_shows_every_record():
 def test_an_escalation_clears_the_assignee_and_summaries_for_other_teams_keep_the_details_back():
     from concord.domain.flow_config import load_flow_config
     from concord.owners.desk import Desk
+    from concord.runtime.harness import InProcess
 
     first = record(1, customer="c-1")
     mine = table_record({**wire_record(first), "assignee": "alice", "assigned_by": "revenue-ops:bob",
                          "updated_at": NOW + 1}, first)
     moved = table_record({**wire_record(mine), "state": "escalated", "owner": "finance", "updated_at": NOW + 2}, mine)
     assert mine["assignee"] == "alice" and moved["assignee"] is None
-    desk = Desk(None, {}, load_flow_config(), {b"c-1": status_with_chain("c-1")}, {b"x00001": moved}, None, None,
-                None)
+    desk = Desk(None, {}, load_flow_config(), {b"c-1": status_with_chain("c-1")}, {b"x00001": moved},
+                InProcess().pipeline)
     [summary] = desk.everything()
     assert summary["amount_at_risk_cents"] == 50_000 and summary["currency"] == "USD"
     assert summary["owner"] == "finance" and summary["state"] == "escalated"

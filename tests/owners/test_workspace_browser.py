@@ -8,7 +8,7 @@ import urllib.request
 import uuid
 
 import pytest
-from kafka_helpers import CODEC, end_offsets, produce, read_until, start_group_at_end
+from kafka_helpers import CODEC, end_offsets, produce, read_until, start_deployment_at_end
 
 from concord.contracts import events as ev
 from concord.contracts import topics
@@ -19,7 +19,10 @@ pytestmark = pytest.mark.broker
 NOW = int(time.time() * 1000)
 LINES = [ev.line("SVC-INSTALL", 2, 25_000)]
 TOKENS = {team: f"ws-token-{team}-{i}" * 2 for i, team in enumerate(topics.OWNERS)}
-WATCH = [t.name for t in (*topics.COMMANDS, *topics.EXCEPTIONS)]
+APP_ID = f"concord-ws-{uuid.uuid4().hex[:8]}"  # the module's worker
+NAMES = topics.Deployment(APP_ID)
+WATCH = [*(t.name for t in topics.COMMANDS), *NAMES.exception_queues]
+REVENUE_OPS = NAMES.exceptions("revenue-ops")
 CHROMIUM_ARGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
                  "--window-size=1400,1000")
@@ -29,11 +32,11 @@ CHROMIUM_ARGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
 def worker(broker, tmp_path_factory):
     """One worker process for the module, with its own consumer group, state and owner credentials."""
     port = free_port()
-    app_id = f"concord-ws-{uuid.uuid4().hex[:8]}"
+    app_id = APP_ID
     state = tmp_path_factory.mktemp("worker")
     env = {"CONCORD_DATA_DIR": str(state), "CONCORD_GAP_WAIT_S": "1",
            "CONCORD_OWNER_TOKENS": ",".join(f"{team}={token}" for team, token in TOKENS.items())}
-    start_group_at_end(broker.bootstrap_servers, app_id, list(topics.WORKER_INPUTS))
+    start_deployment_at_end(broker.bootstrap_servers, app_id)  # its own topics, not earlier tests' traffic
     with worker_process(broker.bootstrap_servers, port, app_id, state / "worker.log", env) as proc:
         yield {"port": port, "url": f"http://127.0.0.1:{port}", "proc": proc}
 
@@ -132,10 +135,10 @@ def test_sign_in_filter_open_an_item_assign_bulk_replay_and_reconcile(broker, wo
             ev.change_event("invoice", f"{pic}-inv", 1, ev.invoice("open", LINES, job_id=f"{pic}-job"), pic, at=NOW),
             ev.change_event("payment", f"{pic}-pay", 1, ev.payment("failed", f"{pic}-inv", 50_000), pic, at=NOW))
     got = read_until(bs, since, lambda got: {g.record["entity_id"] for g in got
-                                             if g.topic == "exceptions.revenue-ops"
+                                             if g.topic == REVENUE_OPS
                                              and g.record["reason_code"] == "missing_billing_account"}
                      >= {f"{c}-deal" for c in [*bulk, pic]}, timeout=90)
-    eids = {g.record["customer_id"]: g.record["exception_id"] for g in got if g.topic == "exceptions.revenue-ops"
+    eids = {g.record["customer_id"]: g.record["exception_id"] for g in got if g.topic == REVENUE_OPS
             and g.record["entity_id"] == f"{g.record['customer_id']}-deal"}
     eventually(lambda: (status_of(worker, pic) or {}).get("payments"), "the payment reached the status table")
 
@@ -202,12 +205,12 @@ def test_sign_in_filter_open_an_item_assign_bulk_replay_and_reconcile(broker, wo
     deals = {f"{c}-deal" for c in bulk}
     got = read_until(bs, since, lambda got: {g.record["entity_id"] for g in got if g.topic == "commands.billing"
                                              and g.record["type"] == "create_invoice"} >= deals
-                     and {g.key for g in got if g.topic.startswith("exceptions.")
+                     and {g.key for g in got if g.topic in NAMES.exception_queues
                           and g.record["state"] == "resolved"} >= {eids[c].encode() for c in bulk}, timeout=90)
     invoices = {g.record["entity_id"]: json.loads(g.record["payload"]) for g in got
                 if g.topic == "commands.billing" and g.record["type"] == "create_invoice"}
     assert {d: invoices[d]["billing_account_id"] for d in deals} == {f"{c}-deal": f"cus_{c}" for c in bulk}
-    assert {g.record["resolution"]["by"] for g in got if g.topic.startswith("exceptions.")
+    assert {g.record["resolution"]["by"] for g in got if g.topic in NAMES.exception_queues
             and g.record["state"] == "resolved" and g.key in {eids[c].encode() for c in bulk}} == {"revenue-ops:alice"}
 
     # the reconciliation view: tiles and its plots, inline SVG
@@ -277,9 +280,9 @@ def test_a_confirmation_for_a_set_that_moved_does_nothing_and_teams_stay_apart(b
                                           for g in got), timeout=90)
     deal = f"{cid}-deal"
     publish(bs, ev.change_event("deal", deal, 1, ev.deal("closed_won", LINES), cid, at=NOW))
-    got = read_until(bs, since, lambda got: any(g.topic == "exceptions.revenue-ops" and g.record["entity_id"] == deal
+    got = read_until(bs, since, lambda got: any(g.topic == REVENUE_OPS and g.record["entity_id"] == deal
                                                 for g in got), timeout=90)
-    eid = next(g.record["exception_id"] for g in got if g.topic == "exceptions.revenue-ops"
+    eid = next(g.record["exception_id"] for g in got if g.topic == REVENUE_OPS
                and g.record["entity_id"] == deal)
     rev = signed_in(worker, "revenue-ops")
     listed = []
@@ -323,9 +326,9 @@ def test_the_lists_quick_fix_resolves_with_a_real_click(broker, worker, driver, 
     read_until(bs, since, lambda got: any(g.topic == "commands.dispatch" and g.record["customer_id"] == cid
                                           for g in got), timeout=90)
     publish(bs, ev.change_event("deal", deal, 1, ev.deal("closed_won", LINES), cid, at=NOW))
-    got = read_until(bs, since, lambda got: any(g.topic == "exceptions.revenue-ops" and g.record["entity_id"] == deal
+    got = read_until(bs, since, lambda got: any(g.topic == REVENUE_OPS and g.record["entity_id"] == deal
                                                 for g in got), timeout=90)
-    eid = next(g.record["exception_id"] for g in got if g.topic == "exceptions.revenue-ops"
+    eid = next(g.record["exception_id"] for g in got if g.topic == REVENUE_OPS
                and g.record["entity_id"] == deal)
     driver.get(worker["url"] + "/inbox")
     driver.find_element(By.ID, "token").send_keys(TOKENS["revenue-ops"])
@@ -344,5 +347,5 @@ def test_the_lists_quick_fix_resolves_with_a_real_click(broker, worker, driver, 
     [inv] = [g.record for g in got if g.topic == "commands.billing" and g.record["type"] == "create_invoice"
              and g.record["entity_id"] == deal]
     assert json.loads(inv["payload"])["billing_account_id"] == f"cus_{cid}"
-    assert any(g.topic.startswith("exceptions.") and g.key == eid.encode() and g.record["state"] == "resolved"
+    assert any(g.topic in NAMES.exception_queues and g.key == eid.encode() and g.record["state"] == "resolved"
                and g.record["resolution"]["by"] == "revenue-ops" for g in got)

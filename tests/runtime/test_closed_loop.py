@@ -9,7 +9,7 @@ import uuid
 
 import pytest
 import yaml
-from kafka_helpers import CODEC, end_offsets, produce, read_until, start_group_at_end
+from kafka_helpers import CODEC, end_offsets, produce, read_until, start_deployment_at_end
 
 from concord.contracts import events as ev
 from concord.contracts import topics
@@ -22,7 +22,7 @@ from connectors.outbound.sandbox import SandboxTarget
 pytestmark = pytest.mark.broker
 NOW = 1_767_225_600_000
 LINES = [ev.line("SVC-INSTALL", 1, 50_000)]
-WATCH = [t.name for t in (*topics.COMMANDS, *topics.EXCEPTIONS, topics.AUDIT, topics.COMMAND_OUTCOMES)]
+SHARED = [t.name for t in (*topics.COMMANDS, topics.AUDIT, topics.COMMAND_OUTCOMES)]
 
 
 def publish(bs, *evs):
@@ -39,11 +39,12 @@ def test_a_command_is_confirmed_by_its_echo_and_an_unechoed_one_is_unconfirmed_u
     app_id = f"concord-loop-{uuid.uuid4().hex[:8]}"
     env = {"CONCORD_DATA_DIR": str(tmp_path / "state"), "CONCORD_FLOWS": str(tmp_path / "flows.yaml"),
            "CONCORD_RECONCILE_INTERVAL_S": "0.5", "CONCORD_RECONCILE_DELAY_S": "0", "CONCORD_CANARY_INTERVAL_S": "0"}
-    start_group_at_end(bs, app_id, list(topics.WORKER_INPUTS))
+    names = start_deployment_at_end(bs, app_id)
+    watch = [*SHARED, *names.exception_queues]
     port = free_port()
     cust, echoed, silent = f"c-{uid}", f"d1-{uid}", f"d2-{uid}"
     with worker_process(bs, port, app_id, tmp_path / "worker.log", env):
-        since = end_offsets(bs, WATCH)
+        since = end_offsets(bs, watch)
         publish(bs, ev.change_event("customer", cust, 1, ev.customer("Loop Co", account="acct_l"), cust, at=NOW),
                 ev.change_event("deal", echoed, 1, ev.deal("closed_won", LINES), cust, at=NOW),
                 ev.change_event("deal", silent, 1, ev.deal("closed_won", LINES), cust, at=NOW))
@@ -52,7 +53,7 @@ def test_a_command_is_confirmed_by_its_echo_and_an_unechoed_one_is_unconfirmed_u
             and x.record["customer_id"] == cust for x in g) == 2, timeout=90)
         cmds = {g.record["entity_id"]: g for g in got if g.topic == "commands.billing"
                 and g.record["type"] == "create_invoice" and g.record["customer_id"] == cust}
-        adapter = Adapter(bs, SandboxTarget(tmp_path / "sandbox.db"), ["billing"])
+        adapter = Adapter(bs, SandboxTarget(tmp_path / "sandbox.db"), ["billing"], names)
         try:
             for g in cmds.values():  # the adapter applies both and reports each outcome on outcomes.commands
                 assert adapter.handle(Origin(g.topic, g.partition, g.offset, g.key, g.value)) == "applied"
@@ -65,7 +66,7 @@ def test_a_command_is_confirmed_by_its_echo_and_an_unechoed_one_is_unconfirmed_u
                                     caused_by_command_id=first))
 
         def unconfirmed(g):
-            return [x.record for x in g if x.topic == "exceptions.revenue-ops"
+            return [x.record for x in g if x.topic == names.exceptions("revenue-ops")
                     and x.record["reason_code"] == "command_unconfirmed" and x.record["customer_id"] == cust]
 
         got = read_until(bs, since, lambda g: unconfirmed(g) and any(
@@ -87,20 +88,20 @@ def test_a_command_is_confirmed_by_its_echo_and_an_unechoed_one_is_unconfirmed_u
         assert status["commands"][first]["adapter"]["outcome"] == "applied"
         assert status["commands"][second]["state"] == "applied"
 
-        since = end_offsets(bs, WATCH)
+        since = end_offsets(bs, watch)
         publish(bs, ev.change_event("invoice", f"inv2-{uid}", 1, ev.invoice("open", LINES, deal_id=silent,
                                                                              issued_at=NOW), cust, at=NOW,
                                     caused_by_command_id=second))  # the late echo
         got = read_until(bs, since, lambda g: any(
-            x.topic == "exceptions.revenue-ops" and x.record["exception_id"] == exc["exception_id"]
+            x.topic == names.exceptions("revenue-ops") and x.record["exception_id"] == exc["exception_id"]
             and x.record["state"] == "resolved" for x in g), timeout=90)
-        [closed] = [x.record for x in got if x.topic == "exceptions.revenue-ops"
+        [closed] = [x.record for x in got if x.topic == names.exceptions("revenue-ops")
                     and x.record["exception_id"] == exc["exception_id"]]
         assert closed["resolution"]["by"] == "concord"
 
     # `concord trace` shows the chain: the command, what the adapter reported, the confirmation
     trace = subprocess.run([sys.executable, "-m", "concord", "trace", cmds[echoed].record["trace_id"],
-                            "--bootstrap", bs], capture_output=True, text=True, timeout=120)
+                            "--bootstrap", bs, "--app-id", app_id], capture_output=True, text=True, timeout=120)
     assert trace.returncode == 0, trace.stderr
     lines = trace.stdout.splitlines()
     steps = [next(i for i, ln in enumerate(lines) if want in ln) for want in (

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import subprocess
 import sys
@@ -94,31 +95,6 @@ def test_faust_still_recovers_tables_to_the_end_the_broker_reports():
     assert "await consumer.highwaters(*tps)" in src and "value - 1" in src and "destination.update(" in src
 
 
-def test_a_routed_view_waits_for_the_routing_metadata_then_answers():
-    import asyncio
-    import types
-
-    class View:
-        def json(self, body, status=200, headers=None):
-            return status, body, headers or {}
-
-    async def handler(view, request, **kw):
-        return view.json({"routed": kw})
-
-    async def scenario():
-        app = types.SimpleNamespace()
-        view = faust_shims.when_routable(app, wait_s=0.05)(handler)
-        status, body, headers = await view(View(), None, customer_id="c1")
-        assert status == 503 and headers["Retry-After"] and "starting" in body["error"]  # not faust's 500
-        waiting = asyncio.ensure_future(faust_shims.when_routable(app, wait_s=5)(handler)(View(), None, k="v"))
-        await asyncio.sleep(0.05)
-        assert not waiting.done(), "a request before the metadata is known waits for it"
-        faust_shims.routable(app).set()  # what route_by_table_partitions does at start
-        assert await waiting == (200, {"routed": {"k": "v"}}, {})
-
-    asyncio.run(scenario())
-
-
 def test_routing_maps_a_key_to_its_changelog_partition_without_the_clients_metadata():
     import types
 
@@ -134,10 +110,31 @@ def test_routing_maps_a_key_to_its_changelog_partition_without_the_clients_metad
 
     app = types.SimpleNamespace(producer=types.SimpleNamespace(key_partition=no_metadata))
     faust_shims.route_by_table_partitions(app, [table("a-status-changelog", 8), table("a-exc-changelog", 3)])
-    assert faust_shims.routable(app).is_set()
     partitioner = DefaultPartitioner()
     for key in (b"cust-1", b"cust-2", b"x" * 40, "kund-\u00e4".encode()):
         for name, n in (("a-status-changelog", 8), ("a-exc-changelog", 3)):
             assert app.producer.key_partition(name, key) == TP(name, partitioner(key, list(range(n)), list(range(n))))
     with pytest.raises(TypeError):  # another topic is still the client's to map
         app.producer.key_partition("elsewhere", b"k")
+
+
+def test_tables_recovered_is_called_once_the_actives_are_read_and_before_streams_resume():
+    # the gauge indexes are rebuilt on this call: faust must send it after the changelogs are read, every time
+    import faust
+
+    app = faust.App(f"shim-recovered-{id(object())}", broker="kafka://127.0.0.1:9")
+    calls: list[int] = []
+
+    async def recovered() -> None:
+        calls.append(1)
+
+    faust_shims.on_tables_recovered(app, recovered)
+    asyncio.run(app.on_rebalance_complete.send())
+    asyncio.run(app.on_rebalance_complete.send())
+    assert calls == [1, 1]
+    loop = inspect.getsource(Recovery._restart_recovery.fun)
+    assert loop.index("self.signal_recovery_end.wait()") < loop.index("self.on_recovery_completed")
+    for step in (Recovery.on_recovery_completed, Recovery._resume_streams):
+        src = inspect.getsource(step)  # sent before the generation check that may return early
+        assert src.index("on_rebalance_complete.send()") < src.index("consumer_generation_id")
+        assert src.index("on_rebalance_complete.send()") < src.index("resume_partitions")

@@ -8,6 +8,7 @@ from concord.runtime.pipeline import SRC_OFFSET, SRC_TOPIC, Pipeline, Record
 
 CODEC = Codec()
 DEALS = "changes.crm.deal"
+NAMES = topics.Deployment("concord-test-pipeline")
 
 
 def event(seq, eid=None, entity="d1", stage="open", contiguous=True, **kw):
@@ -24,7 +25,8 @@ class Harness:
     def __init__(self, now=0):
         self.clock = {"now": now}
         self.calls = []
-        self.pipeline = Pipeline(CODEC, self.decide, self.route, gap_wait_ms=1000, clock=lambda: self.clock["now"])
+        self.pipeline = Pipeline(CODEC, NAMES, self.decide, self.route, gap_wait_ms=1000,
+                                 clock=lambda: self.clock["now"])
         self.cursors, self.statuses, self.offset = {}, {}, 0
         self.out = []
 
@@ -47,7 +49,7 @@ class Harness:
     def run(self, outs):
         for o in outs:
             self.out.append(o)
-            if o.topic == topics.ACCEPTED.name:
+            if o.topic == NAMES.accepted:
                 self.run(self.pipeline.decide(Record(o.topic, 0, 0, o.key, o.value, dict(o.headers)), self.statuses))
 
     def decisions(self):
@@ -101,7 +103,7 @@ def test_gap_parks_and_releases_in_order_with_original_coordinates():
     assert h.calls == ["d1-1", "d1-2", "d1-3", "d1-4"]
     outcomes = [(d["offset"], d["outcome"]) for d in h.decisions()]
     assert outcomes == [(0, "applied"), (1, "parked"), (2, "parked"), (3, "applied"), (1, "applied"), (2, "applied")]
-    accepted = h.on(topics.ACCEPTED.name)
+    accepted = h.on(NAMES.accepted)
     assert [dict(o.headers)[SRC_OFFSET] for o in accepted] == [b"0", b"3", b"1", b"2"]
     assert all(o.key == b"c1" for o in accepted)
 
@@ -114,7 +116,7 @@ def test_overdue_gap_raises_one_sequence_gap_exception_and_owner_can_release():
     h.clock["now"] = 11_000
     h.run(h.pipeline.tick(0, h.cursors))
     h.run(h.pipeline.tick(0, h.cursors))
-    [exc] = h.on(topics.exceptions_topic("revenue-ops"))
+    [exc] = h.on(NAMES.exceptions("revenue-ops"))
     rec = CODEC.decode(exc.value)[1]
     assert rec["reason_code"] == "sequence_gap" and "[2, 3]" in rec["message"]
     assert rec["original"]["offset"] == 1
@@ -129,11 +131,11 @@ def test_a_gap_that_fills_itself_resolves_its_exception():
     h.feed(CODEC.encode("change_event", event(3)))
     h.clock["now"] = 11_001
     h.run(h.pipeline.tick(0, h.cursors))
-    [opened] = h.on(topics.exceptions_topic("revenue-ops"))
+    [opened] = h.on(NAMES.exceptions("revenue-ops"))
     h.clock["now"] = 15_000
     h.feed(CODEC.encode("change_event", event(2)))
     assert h.calls == ["d1-1", "d1-2", "d1-3"]
-    closed = CODEC.decode(h.on(topics.exceptions_topic("revenue-ops"))[-1].value)[1]
+    closed = CODEC.decode(h.on(NAMES.exceptions("revenue-ops"))[-1].value)[1]
     assert closed["exception_id"] == CODEC.decode(opened.value)[1]["exception_id"]
     assert closed["state"] == "resolved" and closed["resolution"]["by"] == "concord"
     assert closed["opened_at"] == 11_001 and closed["updated_at"] == 15_000
@@ -162,6 +164,65 @@ def test_the_decide_stage_reuses_what_the_guard_decoded_and_decodes_what_it_was_
     assert [c["type"] for c in h.commands()].count("create_invoice") == 1
     # a forwarded record this process did not guard (its guard ran in another worker) is decoded here
     other = h.codec.encode("change_event", _deal("c1", 2))
-    h.feed(topics.ACCEPTED.name, b"c1", other, headers={SRC_TOPIC: b"changes.crm.deal", SRC_OFFSET: b"7"})
+    h.feed(h.names.accepted, b"c1", other, headers={SRC_TOPIC: b"changes.crm.deal", SRC_OFFSET: b"7"})
     assert h.codec.decoded.count(other) == 1
     assert [c["type"] for c in h.commands()].count("create_invoice") == 2
+
+
+def test_an_escalation_decided_before_the_close_never_reopens_it_and_its_hold_is_released():
+    """The SLA check reads the table, the owner resolves meanwhile: whichever record the tracker gets first, the
+    exception stays resolved, and the hold the late escalation sent is released."""
+    from concord.domain.routing import load_routing
+
+    h = Harness(now=10_000)
+    opened = load_routing().route({"exception_id": "exc_1", "reason_code": "missing_billing_account",
+                                   "trace_id": "t-d1", "source_system": "crm", "entity_type": "deal",
+                                   "entity_id": "d1", "customer_id": "c1", "message": "no billing account",
+                                   "suggestions": []}, 1_000)
+    resolved = {**opened, "state": "resolved", "updated_at": 20_000,
+                "resolution": {"by": "revenue-ops", "at": 20_000, "patch": {}, "note": "fixed"}}
+    [escalated_out, hold] = h.pipeline.escalation(opened, 30_000)  # decided after the close, from the stale view
+    assert CODEC.decode(hold.value)[1]["type"] == "hold_billing"
+
+    def track(table, *values):
+        outs = []
+        for i, value in enumerate(values):
+            outs += h.pipeline.track(Record(NAMES.exceptions("finance"), 0, i, b"exc_1", value), table)
+        return [CODEC.decode(o.value)[1] for o in outs if o.topic == topics.commands_topic("billing")]
+
+    for order in ([resolved, escalated_out.value], [escalated_out.value, resolved]):
+        table = {}
+        values = [CODEC.encode("exception", opened)] + [v if isinstance(v, bytes) else CODEC.encode("exception", v)
+                                                        for v in order]
+        released = track(table, *values)
+        assert table[b"exc_1"]["state"] == "resolved", order
+        assert [(c["type"], c["entity_id"], c["caused_by"]) for c in released] == [
+            ("release_billing_hold", "d1", ["exc_1"])], order
+
+
+def test_an_escalation_dropped_as_stale_does_not_hold_back_the_next_opening_of_the_same_exception():
+    from concord.domain.routing import load_routing
+    from concord.runtime.pipeline import Escalations
+
+    h = Harness(now=10_000)
+    check = Escalations(h.pipeline)
+    table, offsets = {}, iter(range(100))
+    draft = {"exception_id": "exc_1", "reason_code": "missing_billing_account", "trace_id": "t-d1",
+             "source_system": "crm", "entity_type": "deal", "entity_id": "d1", "customer_id": "c1",
+             "message": "no billing account", "suggestions": []}
+
+    def track(value):
+        h.pipeline.track(Record(NAMES.exceptions("finance"), 0, next(offsets), b"exc_1", value), table)
+        check.tracked(b"exc_1", table.get(b"exc_1"))
+
+    opened = load_routing().route(draft, 1_000)
+    track(CODEC.encode("exception", opened))
+    [(_, [escalated])] = check.due(table, [b"exc_1"], opened["sla_deadline"])
+    track(CODEC.encode("exception", {**opened, "state": "resolved", "updated_at": opened["sla_deadline"],
+                                     "resolution": {"by": "revenue-ops", "at": 1, "patch": {}, "note": ""}}))
+    track(escalated.value)  # stale: dropped, the table keeps it resolved
+    assert table[b"exc_1"]["state"] == "resolved"
+    again = load_routing().route(draft, opened["sla_deadline"] + 1)  # raised again under the same id
+    track(CODEC.encode("exception", again))
+    due = check.due(table, [b"exc_1"], again["sla_deadline"])
+    assert [CODEC.decode(o.value)[1]["state"] for _, outs in due for o in outs] == ["escalated"]

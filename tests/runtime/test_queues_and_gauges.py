@@ -10,11 +10,10 @@ import urllib.request
 import uuid
 
 import pytest
-from kafka_helpers import end_offsets, read_until, start_group_at_end
-from test_worker import LINES, NOW, TOKENS, WATCH, publish
+from kafka_helpers import end_offsets, read_until, start_deployment_at_end
+from test_worker import LINES, NOW, SHARED, TOKENS, publish
 
 from concord.contracts import events as ev
-from concord.contracts import topics
 from concord.runtime.broker import free_port
 from concord.tools.demo import worker_process
 
@@ -47,8 +46,8 @@ def test_queue_lengths_sum_to_the_gauges_after_escalation_restart_and_with_two_w
     env = {"CONCORD_SLA_SCALE": "0.0005", "CONCORD_SLA_CHECK_INTERVAL_S": "0.5", "CONCORD_CANARY_INTERVAL_S": "0",
            "CONCORD_GAUGE_INTERVAL_S": "0.5",
            "CONCORD_OWNER_TOKENS": ",".join(f"{team}={token}" for team, token in TOKENS.items())}
-    start_group_at_end(bs, app_id, list(topics.WORKER_INPUTS))
-    since = end_offsets(bs, WATCH)
+    names = start_deployment_at_end(bs, app_id)
+    since = end_offsets(bs, [*SHARED, *names.exception_queues])
     ports = [free_port(), free_port()]
     customers = [f"gq-{uid}-{i}" for i in range(8)]
     with worker_process(bs, ports[0], app_id, tmp_path / "w1.log", {**env, "CONCORD_DATA_DIR": str(tmp_path / "1")}):
@@ -57,7 +56,7 @@ def test_queue_lengths_sum_to_the_gauges_after_escalation_restart_and_with_two_w
             for cid in customers:
                 publish(bs, ev.change_event("customer", cid, 1, ev.customer("No Account", account=None), cid, at=NOW),
                         ev.change_event("deal", f"{cid}-d", 1, ev.deal("closed_won", LINES), cid, at=NOW))
-            read_until(bs, since, lambda got: sum(1 for g in got if g.topic == "exceptions.finance"
+            read_until(bs, since, lambda got: sum(1 for g in got if g.topic == names.exceptions("finance")
                                                   and (g.record or {}).get("state") == "escalated"
                                                   and (g.record["customer_id"] or "").startswith(f"gq-{uid}-"))
                        == len(customers), timeout=120)  # every SLA ran out: all escalated to finance

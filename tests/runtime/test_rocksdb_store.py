@@ -5,11 +5,10 @@ import urllib.request
 import uuid
 
 import pytest
-from kafka_helpers import end_offsets, read_until, start_group_at_end
+from kafka_helpers import end_offsets, read_until, start_deployment_at_end
 from test_worker import LINES, NOW, publish
 
 from concord.contracts import events as ev
-from concord.contracts import topics
 from concord.runtime.broker import free_port
 from concord.tools.demo import worker_process
 
@@ -21,7 +20,7 @@ def test_worker_keeps_its_tables_in_rocksdb(broker, tmp_path):
     port = free_port()
     env = {"CONCORD_STORE": "rocksdb://", "CONCORD_DATA_DIR": str(tmp_path)}
     cid = f"rk-{uid}"
-    start_group_at_end(broker.bootstrap_servers, f"concord-rocks-{uid}", list(topics.WORKER_INPUTS))
+    start_deployment_at_end(broker.bootstrap_servers, f"concord-rocks-{uid}")
     with worker_process(broker.bootstrap_servers, port, f"concord-rocks-{uid}", tmp_path / "worker.log", env):
         since = end_offsets(broker.bootstrap_servers, ["commands.billing"])
         publish(broker.bootstrap_servers,

@@ -28,8 +28,9 @@ LINES = [ev.line("SVC-INSTALL", 1, 50_000)]
 BIG = 2 * 1024 * 1024  # over the broker's ~1 MB limit: a dead letter keeping it whole could not be produced
 CODEC = Codec()
 CHANGE_TOPICS = [t.name for t in topics.CHANGES]
-CHANGE_EVENT_TOPICS = [*CHANGE_TOPICS, topics.ACCEPTED.name]
-POLICY_OF = {topic: p.stage for p in POLICIES for topic in p.reads}
+NAMES = InProcess().names  # the harness's deployment: the internal topics its worker reads
+CHANGE_EVENT_TOPICS = [*CHANGE_TOPICS, NAMES.accepted]
+POLICY_OF = {topic: p.stage for p in POLICIES for topic in p.reads}  # by base name for an internal topic
 
 
 def world():
@@ -67,14 +68,14 @@ def good(h, topic):
             return [d["outcome"] for d in decisions(h) if d["topic"] == topic and d["offset"] == rec.offset] \
                 not in ([], ["dead_lettered"])
         return event["entity_id"].encode(), CODEC.encode("change_event", event), {}, proof
-    if topic == topics.ACCEPTED.name:
+    if topic == NAMES.accepted:
         event = ev.change_event("customer", "c9", 1, ev.customer("Accepted Co", account="acct_9"), "c9", at=NOW)
         headers = {SRC_TOPIC: b"changes.crm.customer", SRC_PARTITION: b"0", SRC_OFFSET: b"777"}
         return b"c9", CODEC.encode("change_event", event), headers, lambda rec: b"c9" in h.statuses
-    if topic == topics.GUARD_CONTROLS.name:
+    if topic == NAMES.guard_controls:
         tick = CODEC.encode("control", {"action": "tick", "guard_key": None, "actor": None, "at": NOW})
         return b"", tick, {}, lambda rec: any(e["reason_code"] == "sequence_gap" for e in h.exceptions())
-    if topic == topics.EXCEPTION_ACTIONS.name:
+    if topic == NAMES.exception_actions:
         action = {"action_id": "a-good", "exception_id": open_exception(h)["exception_id"], "customer_key": "c1",
                   "action": "acknowledge", "patch": {}, "by": "revenue-ops:ana", "note": "", "at": NOW}
 
@@ -82,7 +83,7 @@ def good(h, topic):
             return [d["outcome"] for d in decisions(h) if d["topic"] == topic and d["offset"] == rec.offset] \
                 == ["acknowledged"]
         return b"c1", CODEC.encode("action", action), {}, proof
-    owner = topic.split(".", 1)[1]
+    owner = NAMES.base(topic).removeprefix("exceptions.")
     record = {**open_exception(h), "exception_id": f"x-{owner}", "owner": owner, "updated_at": NOW + 1}
     return f"x-{owner}".encode(), CODEC.encode("exception", record), {}, \
         lambda rec: f"x-{owner}".encode() in h.exception_records
@@ -145,7 +146,7 @@ KINDS = ["wrong_schema", "tombstone", "truncated", "random_bytes", "too_large", 
 
 # outcomes.commands is read by the closed-loop reconciler (concord/runtime/reconciler.py), which dead-letters its
 # own undecodable records; it has no pipeline ErrorPolicy yet, so these per-policy cases leave it out.
-PIPELINE_INPUTS = tuple(t for t in topics.WORKER_INPUTS if t != topics.COMMAND_OUTCOMES.name)
+PIPELINE_INPUTS = tuple(t for t in NAMES.worker_inputs if t != topics.COMMAND_OUTCOMES.name)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -163,7 +164,7 @@ def test_a_bad_record_is_dead_lettered_and_the_next_one_is_processed(topic, kind
     record = CODEC.decode(dl.value, "dead_letter")[1]
     assert (record["stage"], record["error_type"]) == (step, error_type), record["error"]
     assert record["original_offset"] == rec.offset and record["error"]
-    assert dict(dl.headers)["concord-processor"] == POLICY_OF[topic].encode()
+    assert dict(dl.headers)["concord-processor"] == POLICY_OF[NAMES.base(topic) or topic].encode()
     if kind == "too_large":
         assert bad_value.startswith(record["original_value"]) and len(record["original_value"]) < len(bad_value)
         assert "sha256" in record["error"] and dict(dl.headers)["concord-original-size"] == str(len(bad_value)).encode()
@@ -179,7 +180,7 @@ def test_a_bad_record_is_dead_lettered_and_the_next_one_is_processed(topic, kind
 
 @pytest.mark.parametrize("schema", [n for n in schemas.SCHEMA_FILES if n != "change_event"])
 def test_a_valid_record_of_any_other_schema_on_a_changes_topic_is_a_data_error(schema):
-    h = Pipeline(CODEC, lambda s, e, n: None, lambda d, n: d)
+    h = Pipeline(CODEC, NAMES, lambda s, e, n: None, lambda d, n: d)
     value = CODEC.encode(schema, sample_record(schemas.load(schema)))
     [dl, decision] = h.guard(Record("changes.crm.deal", 0, 3, b"d1", value), {})
     assert dl.dead_letter.error_type == "SchemaMismatch" and f"a valid {schema} record" in dl.dead_letter.error
@@ -215,13 +216,13 @@ class Rules:
                                                      ("broken", "KeyError")])
 def test_a_rule_that_fails_on_one_record_dead_letters_it_and_leaves_the_status_as_it_was(event_id, error_type):
     rules = Rules()
-    p = Pipeline(CODEC, rules.decide, lambda d, n: d)
+    p = Pipeline(CODEC, NAMES, rules.decide, lambda d, n: d)
     statuses = {}
 
     def accepted(offset, eid):
         event = ev.change_event("deal", "d1", offset, ev.deal("open", LINES), "c1", at=NOW, event_id=eid)
         headers = {SRC_TOPIC: b"changes.crm.deal", SRC_PARTITION: b"0", SRC_OFFSET: str(offset).encode()}
-        return Record(topics.ACCEPTED.name, 0, offset, b"c1", CODEC.encode("change_event", event), headers)
+        return Record(NAMES.accepted, 0, offset, b"c1", CODEC.encode("change_event", event), headers)
 
     p.decide(accepted(1, "ok-1"), statuses)
     before = copy.deepcopy(statuses)
@@ -234,10 +235,9 @@ def test_a_rule_that_fails_on_one_record_dead_letters_it_and_leaves_the_status_a
 
 def test_every_topic_a_worker_reads_has_exactly_one_error_policy():
     read = [t for p in POLICIES for t in p.reads]
-    assert sorted(read) == sorted(PIPELINE_INPUTS) and len(set(read)) == len(read)
-    for p in POLICIES:
-        for t in p.reads:
-            assert topics.spec(topics.deadletter_topic(t)).value_schema == "dead_letter"
+    assert sorted(read) == sorted(NAMES.base(t) or t for t in PIPELINE_INPUTS) and len(set(read)) == len(read)
+    for t in PIPELINE_INPUTS:  # under the deployment's names, as the worker reads and dead-letters them
+        assert topics.spec(topics.deadletter_topic(t)).value_schema == "dead_letter"
 
 
 GOOD_WORLD = world()
@@ -262,14 +262,14 @@ def test_nothing_a_stage_is_given_makes_it_raise(topic, data):
     rec = h.feed(topic, key, value, headers=headers)  # must not raise
     new = h.out[produced:]
     assert all(CODEC.decode(o.value)[1] is not None for o in new), "every output is a valid record"
-    if topic in CHANGE_EVENT_TOPICS or topic == topics.EXCEPTION_ACTIONS.name:  # these always say what became of it
+    if topic in CHANGE_EVENT_TOPICS or topic == NAMES.exception_actions:  # these always say what became of it
         assert any(o.topic == topics.AUDIT.name for o in new), f"{rec} gave neither a decision nor a dead letter"
 
 
 def test_a_topic_read_but_never_declared_stops_the_stage_instead_of_dead_lettering_everything():
     from concord.exceptions import ConfigError
 
-    p = Pipeline(CODEC, lambda s, e, n: None, lambda d, n: d)
+    p = Pipeline(CODEC, NAMES, lambda s, e, n: None, lambda d, n: d)
     value = CODEC.encode("change_event", new_event("changes.crm.deal"))
     with pytest.raises(ConfigError, match="not declared"):
         p.guard(Record("prod.changes.crm.deal", 0, 0, b"new-deal", value), {})

@@ -5,11 +5,10 @@ import urllib.request
 import uuid
 
 import pytest
-from kafka_helpers import start_group_at_end
+from kafka_helpers import start_deployment_at_end
 from test_worker import LINES, NOW, TOKENS, publish
 
 from concord.contracts import events as ev
-from concord.contracts import topics
 from concord.runtime.broker import free_port
 from concord.tools.demo import wait_for_http, worker_process
 
@@ -29,7 +28,7 @@ def test_two_workers_route_status_and_merge_a_teams_queue(broker, tmp_path):
     app_id = f"concord-pair-{uid}"
     env = {"CONCORD_DATA_DIR": str(tmp_path), "CONCORD_CANARY_INTERVAL_S": "0",
            "CONCORD_OWNER_TOKENS": ",".join(f"{t}={k}" for t, k in TOKENS.items())}
-    start_group_at_end(broker.bootstrap_servers, app_id, list(topics.WORKER_INPUTS))
+    start_deployment_at_end(broker.bootstrap_servers, app_id)
     ports = [free_port(), free_port()]
     with worker_process(broker.bootstrap_servers, ports[0], app_id, tmp_path / "w1.log", env), \
             worker_process(broker.bootstrap_servers, ports[1], app_id, tmp_path / "w2.log", env):
@@ -58,7 +57,7 @@ def test_a_new_worker_rebuilds_the_status_table_from_its_changelog(broker, tmp_p
     uid = uuid.uuid4().hex[:8]
     app_id = f"concord-rebuild-{uid}"
     env = {"CONCORD_CANARY_INTERVAL_S": "0"}
-    start_group_at_end(broker.bootstrap_servers, app_id, list(topics.WORKER_INPUTS))
+    start_deployment_at_end(broker.bootstrap_servers, app_id)
     cid = f"rb-{uid}"
     port = free_port()
     with worker_process(broker.bootstrap_servers, port, app_id, tmp_path / "first.log",

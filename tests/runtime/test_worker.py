@@ -6,9 +6,10 @@ import subprocess
 import sys
 import time
 import urllib.request
+import uuid
 
 import pytest
-from kafka_helpers import CODEC, end_offsets, produce, read_until, start_group_at_end
+from kafka_helpers import CODEC, end_offsets, produce, read_until, start_deployment_at_end
 
 from concord.contracts import events as ev
 from concord.contracts import topics
@@ -22,21 +23,23 @@ NOW = 1_767_225_600_000
 LINES = [ev.line("SVC-INSTALL", 1, 50_000)]
 SLA_SCALE = 0.0005  # 4 h -> 7.2 s, so an SLA runs out while the test watches
 TOKENS = {team: f"test-token-{team}-{i}" * 2 for i, team in enumerate(topics.OWNERS)}
-WATCH = [t.name for t in (*topics.COMMANDS, *topics.EXCEPTIONS, *topics.DEADLETTERS, topics.AUDIT)]
+SHARED = [t.name for t in (*topics.COMMANDS, *topics.DEADLETTERS, topics.AUDIT)]  # + a deployment's queues
+APP_ID = f"concord-test-{uuid.uuid4().hex[:8]}"  # the module's worker
+NAMES = topics.Deployment(APP_ID)
+WATCH = [*SHARED, *NAMES.exception_queues]
+REVENUE_OPS, FINANCE = NAMES.exceptions("revenue-ops"), NAMES.exceptions("finance")
 
 
 @pytest.fixture(scope="module")
 def worker(broker, tmp_path_factory):
-    """One worker process for the module, with its own consumer group and state."""
-    import uuid
-
+    """One worker process for the module, with its own consumer group, internal topics and state."""
     port = free_port()
-    app_id = f"concord-test-{uuid.uuid4().hex[:8]}"
+    app_id = APP_ID
     state = tmp_path_factory.mktemp("worker")
     env = {"CONCORD_DATA_DIR": str(state), "CONCORD_GAP_WAIT_S": "1", "CONCORD_SLA_SCALE": str(SLA_SCALE),
            "CONCORD_SLA_CHECK_INTERVAL_S": "0.5",
            "CONCORD_OWNER_TOKENS": ",".join(f"{team}={token}" for team, token in TOKENS.items())}
-    start_group_at_end(broker.bootstrap_servers, app_id, list(topics.WORKER_INPUTS))  # not earlier tests' traffic
+    start_deployment_at_end(broker.bootstrap_servers, app_id)  # its own topics, not earlier tests' traffic
     with worker_process(broker.bootstrap_servers, port, app_id, state / "worker.log", env) as proc:
         yield {"port": port, "app_id": app_id, "proc": proc, "url": f"http://127.0.0.1:{port}", "log": state}
 
@@ -60,7 +63,7 @@ def first_flow(bs, uid):
 
     def done(got):
         return (any(g.topic == "commands.billing" and g.record["entity_id"] == f"d-{uid}" for g in got)
-                and any(g.topic == "exceptions.revenue-ops" and g.record["entity_id"] == f"x-{uid}"
+                and any(g.topic == REVENUE_OPS and g.record["entity_id"] == f"x-{uid}"
                         and g.record["suggestions"] for g in got)
                 and any(g.topic == "deadletter.changes.crm.deal" and g.record["original_value"] == garbage
                         for g in got))
@@ -73,7 +76,7 @@ def test_first_flow_three_outcomes_and_the_worker_goes_on(broker, worker, uid):
     [cmd] = [g.record for g in got if g.topic == "commands.billing" and g.record["entity_id"] == f"d-{uid}"]
     assert cmd["type"] == "create_invoice" and json.loads(cmd["payload"])["billing_account_id"] == "acct_g"
     assert cmd["trace_id"] == f"trace:deal:d-{uid}"
-    exc = [g.record for g in got if g.topic == "exceptions.revenue-ops" and g.record["entity_id"] == f"x-{uid}"][-1]
+    exc = [g.record for g in got if g.topic == REVENUE_OPS and g.record["entity_id"] == f"x-{uid}"][-1]
     assert exc["reason_code"] == "missing_billing_account" and exc["owner"] == "revenue-ops"
     assert exc["sla_deadline"] - exc["opened_at"] == int(4 * 3600 * SLA_SCALE * 1000)
     assert exc["trace_id"] == f"trace:deal:x-{uid}"
@@ -176,14 +179,14 @@ def test_exception_lifecycle_sla_escalation_resolution_replay_and_release(broker
     got = read_until(bs, since, lambda got: any(g.topic == "commands.dispatch" and g.record["customer_id"] == cid
                                                 for g in got))  # the customer record is in before the deal
     publish(bs, ev.change_event("deal", deal, 1, ev.deal("closed_won", LINES), cid, at=NOW))
-    got = read_until(bs, since, lambda got: any(g.topic == "exceptions.revenue-ops" and g.record["entity_id"] == deal
+    got = read_until(bs, since, lambda got: any(g.topic == REVENUE_OPS and g.record["entity_id"] == deal
                                                 for g in got))
-    eid = [g.record for g in got if g.topic == "exceptions.revenue-ops" and g.record["entity_id"] == deal][0][
+    eid = [g.record for g in got if g.topic == REVENUE_OPS and g.record["entity_id"] == deal][0][
         "exception_id"]
     publish(bs, ev.change_event("deal", deal, 2, ev.deal("closed_won", LINES, name="later change"), cid, at=NOW))
 
     # the SLA (7.2 s here) runs out: escalated to finance, billing held for the deal
-    got = read_until(bs, since, lambda got: any(g.topic == "exceptions.finance" and g.key == eid.encode()
+    got = read_until(bs, since, lambda got: any(g.topic == FINANCE and g.key == eid.encode()
                                                 and g.record["state"] == "escalated" for g in got)
                      and any(g.topic == "commands.billing" and g.record["type"] == "hold_billing"
                              and g.record["entity_id"] == deal for g in got), timeout=60)
@@ -221,7 +224,7 @@ def test_exception_lifecycle_sla_escalation_resolution_replay_and_release(broker
     [inv] = [g.record for g in got if g.topic == "commands.billing" and g.record["type"] == "create_invoice"
              and g.record["entity_id"] == deal]
     assert json.loads(inv["payload"])["billing_account_id"] == f"cus_{uid}"
-    resolved = [g.record for g in got if g.topic.startswith("exceptions.") and g.key == eid.encode()
+    resolved = [g.record for g in got if g.topic in NAMES.exception_queues and g.key == eid.encode()
                 and g.record["state"] == "resolved"]
     assert resolved and resolved[0]["resolution"]["by"] == "revenue-ops:ana"
     released = [g.record for g in got if g.topic == topics.AUDIT.name and g.record["entity_id"] == deal
@@ -231,8 +234,8 @@ def test_exception_lifecycle_sla_escalation_resolution_replay_and_release(broker
                                         "--json"], capture_output=True, text=True, timeout=30).stdout)
     assert status["deals"][deal]["name"] == "later change" and status["exceptions"] == {}
 
-    trace = subprocess.run([sys.executable, "-m", "concord", "trace", f"trace:deal:{deal}", "--bootstrap", bs],
-                           capture_output=True, text=True, timeout=120)
+    trace = subprocess.run([sys.executable, "-m", "concord", "trace", f"trace:deal:{deal}", "--bootstrap", bs,
+                            "--app-id", worker["app_id"]], capture_output=True, text=True, timeout=120)
     assert trace.returncode == 0, trace.stderr
     chain = trace.stdout.splitlines()
     assert any("decision" in ln and " parked" in ln for ln in chain)
@@ -273,7 +276,7 @@ def test_a_rejected_command_is_sent_again_when_its_owner_resolves_it(broker, wor
     exc["original"] = {"topic": "commands.billing", "partition": 0, "offset": 0, "key": f"in-{uid}".encode(),
                        "value": value}
     since = end_offsets(bs, WATCH)
-    produce(bs, [("exceptions.revenue-ops", exc["exception_id"].encode(), CODEC.encode("exception", exc))])
+    produce(bs, [(REVENUE_OPS, exc["exception_id"].encode(), CODEC.encode("exception", exc))])
     deadline = time.monotonic() + 90  # a condition, not a timing: a loaded machine (the suite runs in parallel) is slow
     while api(worker, "GET", f"/exceptions/{exc['exception_id']}", TOKENS["revenue-ops"])[0] != 200:
         assert time.monotonic() < deadline, "the tracker never recorded the exception"
