@@ -483,18 +483,20 @@ class Pipeline:
         return [Out(self.names.exceptions(record["owner"]), record["exception_id"].encode(),
                     self.codec.encode("exception", record))]
 
-    def escalation(self, rec: dict[str, Any], now: int) -> list[Out]:
-        """An exception whose SLA ran out: escalate it to the backup owner, and hold billing if it blocks billing."""
+    def escalation(self, rec: dict[str, Any], now: int) -> tuple[list[Out], list[Out]]:
+        """An exception whose SLA ran out: (its billing hold if it blocks billing, its record for the backup owner).
+
+        Apart, because the hold must be acknowledged before the record is sent: a release the tracker sends
+        for it then always comes after it.
+        """
         backup = rec.get("backup_owner") or rec["owner"]
         record = {**rec, "state": "escalated", "owner": backup, "backup_owner": rec["owner"], "updated_at": now,
                   "message": f"SLA of {rec['owner']} ran out; escalated to {backup}: {rec['message']}"}
         metrics.SLA_BREACHES.labels(rec["owner"], rec["reason_code"]).inc()
         metrics.EXCEPTIONS_ESCALATED.labels(rec["owner"], rec["reason_code"]).inc()
-        outs = [Out(self.names.exceptions(backup), rec["exception_id"].encode(),
-                    self.codec.encode("exception", record))]
-        if rec.get("blocks_billing"):
-            outs.append(self.billing_hold(rec, now, hold=True))
-        return outs
+        holds = [self.billing_hold(rec, now, hold=True)] if rec.get("blocks_billing") else []
+        return holds, [Out(self.names.exceptions(backup), rec["exception_id"].encode(),
+                           self.codec.encode("exception", record))]
 
     def billing_hold(self, rec: dict[str, Any], now: int, hold: bool) -> Out:
         """A command telling billing to hold (or release) an entity while its exception is overdue."""
@@ -588,9 +590,7 @@ class Escalations:
             rec = records.get(key)
             if rec and key not in self.sent and sla_ran_out(rec, now):
                 self.sent.add(key)
-                outs = self.pipeline.escalation(wire_record(rec), now)
-                holds = [o for o in outs if o.topic == topics.commands_topic("billing")]
-                due.append((holds, [o for o in outs if o not in holds]))
+                due.append(self.pipeline.escalation(wire_record(rec), now))
         return due
 
     def tracked(self, key: bytes | None, record: dict[str, Any] | None) -> None:

@@ -181,7 +181,7 @@ def test_an_escalation_decided_before_the_close_never_reopens_it_and_its_hold_is
                                    "suggestions": []}, 1_000)
     resolved = {**opened, "state": "resolved", "updated_at": 20_000,
                 "resolution": {"by": "revenue-ops", "at": 20_000, "patch": {}, "note": "fixed"}}
-    [escalated_out, hold] = h.pipeline.escalation(opened, 30_000)  # decided after the close, from the stale view
+    [hold], [escalated_out] = h.pipeline.escalation(opened, 30_000)  # decided after the close, from the stale view
     assert CODEC.decode(hold.value)[1]["type"] == "hold_billing"
 
     def track(table, *values):
