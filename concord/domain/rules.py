@@ -84,7 +84,7 @@ def decide(status: dict[str, Any] | None, event: dict[str, Any], cfg: FlowConfig
         return settle(st, cfg, now, event, was_issued, was_completed)
     new = effective_record(st, entity, entity_id) if entity != "customer" else customer_record(st) or {}
     deals, jobs = _moved(st, entity, entity_id, raw_old, _raw(st, entity, entity_id))
-    refresh_positions(st, deals, jobs)
+    refresh_positions(st, deals, jobs, owned=(COLLECTION[entity],) if entity in COLLECTION else ())
     return settle(st, cfg, now, event, was_issued, was_completed, touched(st, entity, entity_id, old, new))
 
 

@@ -13,6 +13,7 @@ written before it existed read as they are, and the first event of such a custom
 from __future__ import annotations
 
 import bisect
+from collections.abc import Iterable
 from typing import Any
 
 COLLECTION = {"deal": "deals", "job": "jobs", "invoice": "invoices", "payment": "payments"}
@@ -192,15 +193,17 @@ def invoice_paid(status: dict[str, Any], inv_id: str) -> bool:
     return any(p.get("invoice_id") == inv_id and p.get("status") == "succeeded" for p in payments.values())
 
 
-def refresh_positions(status: dict[str, Any], deals: Any = None, jobs: Any = None) -> None:
+def refresh_positions(status: dict[str, Any], deals: Any = None, jobs: Any = None,
+                      owned: Iterable[str] = ()) -> None:
     """Set each deal's and job's position in sold → scheduled → completed → invoiced → paid.
 
     With ``deals`` and ``jobs`` given, only those (ids) are looked at: the ones an event may have moved; a
-    collection is copied before its first change then, as a forked status shares it with its original.
+    collection is copied before its first change then, as a forked status shares it with its original, unless
+    it is named in ``owned`` (the caller's fork copied it already: a second copy would cost the collection's size).
     """
     for name, ids in (("jobs", jobs), ("deals", deals)):
         records = status[name]
-        copied = ids is None  # the full pass runs on a status of the caller's own
+        copied = ids is None or name in owned  # the full pass runs on a status of the caller's own
         for rec_id in (list(records) if ids is None else sorted(i for i in ids if i in records)):
             rec = records[rec_id]
             if name == "jobs":
