@@ -8,7 +8,7 @@ import urllib.request
 import uuid
 
 import pytest
-from kafka_helpers import CODEC, end_offsets, produce, read_until, start_deployment_at_end
+from kafka_helpers import CODEC, committed, end_offsets, produce, read_until, start_deployment_at_end
 
 from concord.contracts import events as ev
 from concord.contracts import topics
@@ -85,6 +85,14 @@ def eventually(check, what, timeout=60):
             return got
         assert time.monotonic() < deadline, f"never: {what() if callable(what) else what}"
         time.sleep(0.3)
+
+
+def tracker_at(bs, what):
+    """``what`` not seen, with where the worker's exception tracker stands on the revenue-ops queue, for a failure."""
+    ends = end_offsets(bs, [REVENUE_OPS])
+    done = committed(bs, APP_ID, [REVENUE_OPS])
+    behind = {p: ends[(t, p)] - max(o, 0) for (t, p), o in done.items() if ends[(t, p)] > max(o, 0)}
+    return f"{what}; the worker's group is behind on {REVENUE_OPS} by {behind or 'nothing'} (partition: records)"
 
 
 def text_of(driver, element_id):
@@ -290,7 +298,7 @@ def test_a_confirmation_for_a_set_that_moved_does_nothing_and_teams_stay_apart(b
     def shown():
         listed.append(fetch(rev, f"{worker['url']}/inbox?customer={cid}"))
         return f"x-{eid}" in listed[-1][1]
-    eventually(shown, lambda: f"the item listed: {listed[-1]}")
+    eventually(shown, lambda: tracker_at(bs, f"the item listed: {listed[-1]}"), timeout=120)
 
     dry = {"customer": cid, "op": "replay"}
     code, page = fetch(rev, worker["url"] + "/inbox/bulk", dry)
@@ -337,7 +345,7 @@ def test_the_lists_quick_fix_resolves_with_a_real_click(broker, worker, driver, 
     def listed():  # the tracker takes the record from the queue into its table in its own time
         driver.get(f"{worker['url']}/inbox?customer={cid}")
         return driver.find_elements(By.ID, f"x-{eid}")
-    [item] = eventually(listed, "the exception in the inbox")
+    [item] = eventually(listed, lambda: tracker_at(bs, page_shows(driver, "the exception in the inbox")), timeout=120)
     assert "missing_billing_account" in item.text and f"cus_{cid}" in item.text
     item.find_element(By.CSS_SELECTOR, "form.resolve input[name=choose][value='1']").click()
     item.find_element(By.CSS_SELECTOR, "form.resolve button.resolve-btn").click()
