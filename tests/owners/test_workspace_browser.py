@@ -341,6 +341,8 @@ def test_the_lists_quick_fix_resolves_with_a_real_click(broker, worker, driver, 
     driver.get(worker["url"] + "/inbox")
     driver.find_element(By.ID, "token").send_keys(TOKENS["revenue-ops"])
     driver.find_element(By.ID, "login").click()
+    # signed in before going on: a navigation right after the click may cancel the sign-in's post, cookie unset
+    eventually(lambda: driver.find_elements(By.ID, "filters"), lambda: page_shows(driver, "the inbox after signing in"))
 
     def listed():  # the tracker takes the record from the queue into its table in its own time
         driver.get(f"{worker['url']}/inbox?customer={cid}")
