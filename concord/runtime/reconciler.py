@@ -129,17 +129,21 @@ class Reconciler:
             return
         ckey = key.decode()
         idx = statuses if self.index is None else self.index
-        directory = dict(idx.get(directory_key(partition)) or {})
+        # The directory and buckets are changed in place, not copied: a bucket holds every customer due in its
+        # minute, and copying it for each event cost as much as the rest of the decision at 2,000 events/s.
+        # No dead letter has to undo them: the index is written once the record's decision succeeded, and
+        # the worker serializes the changelog values at the batch's end, after the last change.
+        directory = idx.get(directory_key(partition)) or {}
         if old is not None:
             slot = slot_of(old)
-            bucket = dict(idx.get(bucket_key(partition, slot)) or {})
+            bucket = idx.get(bucket_key(partition, slot)) or {}
             bucket.pop(ckey, None)
             idx[bucket_key(partition, slot)] = bucket
             if not bucket:
                 directory.pop(str(slot), None)
         if at is not None:
             slot = slot_of(at)
-            bucket = dict(idx.get(bucket_key(partition, slot)) or {})
+            bucket = idx.get(bucket_key(partition, slot)) or {}
             bucket[ckey] = at
             idx[bucket_key(partition, slot)] = bucket
             # the slot's earliest entry: it may only be too early (removals do not raise it), never too late
