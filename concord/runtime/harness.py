@@ -14,7 +14,7 @@ from concord.contracts.codec import Codec
 from concord.domain.flow_config import FlowConfig, load_flow_config
 from concord.domain.routing import Routing, load_routing
 from concord.runtime.pipeline import Escalations, Out, Pipeline, Record
-from concord.runtime.reconciler import Reconciler
+from concord.runtime.reconciler import OwnedIndex, Reconciler
 
 
 class InProcess:
@@ -43,7 +43,7 @@ class InProcess:
         self.cursors: dict[bytes, Any] = {}
         self.statuses: dict[bytes, Any] = {}
         self.exception_records: dict[bytes, Any] = {}
-        self.deadlines: dict[bytes, Any] = {}  # the reconciler's index, kept apart so statuses holds only customers
+        self.deadlines: dict[bytes, Any] = OwnedIndex()  # the reconciler's index, apart so statuses holds customers
         self.loop = Reconciler(self.pipeline, self.cfg, budget, check_delay_ms, index=self.deadlines)
         self.escalations = Escalations(self.pipeline)
         self.out: list[Out] = []

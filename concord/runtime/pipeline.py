@@ -551,6 +551,17 @@ class Pipeline:
         return [Out(dl.topic, dl.key or b"", self.codec.encode("dead_letter", dl.record()), tuple(dl.headers()), dl),
                 self.decision(rec.topic, rec.partition, rec.offset, None, "dead_lettered", f"{stage}: {dl.error}")]
 
+    def unkept(self, rec: Record, key: bytes, size: int) -> list[Out]:
+        """The dead letter of a record whose table write would be ``size`` bytes: more than one record can hold."""
+        exc = TooLarge(f"applying it would make table key {key.decode(errors='replace')!r} {size} bytes, over the "
+                       f"{self.max_record_bytes}-byte limit of one changelog record; nothing of it was applied")
+        return self.dead_letter(rec, "process", exc, self.policy_of(rec.topic))
+
+    def policy_of(self, topic: str) -> ErrorPolicy | None:
+        """The error policy of the stage that reads ``topic`` (None for outcomes.commands, the closed loop's own)."""
+        name = self.names.base(topic) or topic
+        return next((p for p in POLICIES if name in p.reads), None)
+
     def decision(self, topic: str, partition: int, offset: int, event: dict[str, Any] | None, outcome: str,
                  reason: str, command_ids: list[str] | None = None, exception_ids: list[str] | None = None,
                  actor: str | None = None) -> Out:

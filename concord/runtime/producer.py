@@ -81,9 +81,10 @@ class Outputs:
     thread); a batch's records are awaited together, so outputs are acknowledged before offsets are committed.
     """
 
-    def __init__(self, bootstrap: str, linger_ms: int) -> None:
-        self.config = producer_config(bootstrap, **{"linger.ms": linger_ms,
-                                                    "queue.buffering.max.messages": 1_000_000})
+    def __init__(self, bootstrap: str, linger_ms: int, max_record_bytes: int = MAX_RECORD_BYTES) -> None:
+        self.config = producer_config(bootstrap, **{
+            "linger.ms": linger_ms, "queue.buffering.max.messages": 1_000_000,
+            "message.max.bytes": max(MAX_RECORD_BYTES, max_record_bytes) + 48_576})
         self._producer: RdProducer | None = None
         self._stopping = threading.Event()
 

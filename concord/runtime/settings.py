@@ -7,6 +7,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field, ValidationError
 
+from concord.contracts.deadletter import DEFAULT_MAX_RECORD_BYTES
 from concord.exceptions import ConfigError
 
 _ENV = {
@@ -33,6 +34,7 @@ _ENV = {
     "reconcile_interval_s": "CONCORD_RECONCILE_INTERVAL_S",
     "reconcile_budget": "CONCORD_RECONCILE_BUDGET",
     "reconcile_delay_s": "CONCORD_RECONCILE_DELAY_S",
+    "max_record_bytes": "CONCORD_MAX_RECORD_BYTES",
 }
 
 
@@ -63,6 +65,10 @@ class Settings(BaseModel):
     reconcile_interval_s: float = Field(5.0, gt=0, description="how often the time-driven rules run per partition")
     reconcile_budget: int = Field(500, ge=1, description="customers checked per partition per run")
     reconcile_delay_s: float = Field(30.0, ge=0, description="how long after a change its customer is re-checked")
+    max_record_bytes: int = Field(
+        DEFAULT_MAX_RECORD_BYTES, ge=32_768,
+        description="the largest record a worker forwards, and the largest table value it keeps (one changelog "
+                    "record); larger ones are dead letters. Raise it only with the broker's message.max.bytes")
 
     def credentials(self) -> dict[str, str]:
         """Token -> owner team, from CONCORD_OWNER_TOKENS or CONCORD_OWNER_TOKENS_FILE (never from the repo)."""

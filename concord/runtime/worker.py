@@ -115,7 +115,8 @@ def build_app(settings: Settings, pipeline: Pipeline | None = None) -> faust.App
     app.concord_indexes = indexes  # type: ignore[attr-defined]
     escalations = Escalations(pipeline)  # the SLA check: what it sent and has not yet seen back on a queue
 
-    outputs = Outputs(settings.bootstrap_servers or "localhost:9092", settings.producer_linger_ms)
+    outputs = Outputs(settings.bootstrap_servers or "localhost:9092", settings.producer_linger_ms,
+                      settings.max_record_bytes)
     app.outputs = outputs  # type: ignore[attr-defined]
 
     @app.on_partitions_revoked.connect
@@ -153,9 +154,7 @@ def build_app(settings: Settings, pipeline: Pipeline | None = None) -> faust.App
             async for events in stream.take_events(settings.batch_size, within=settings.batch_within_s):
                 for event in events:  # held: acked only once the batch's outputs are acknowledged (see _acked)
                     event.message.incref()
-                view = _BatchView(table)
-                records: list[Outgoing] = []
-                processed: list[Any] = []
+                admitted: list[Any] = []
                 seeks: dict[Any, int] = {}
                 now = loop.time()
                 for event in events:
@@ -169,16 +168,16 @@ def build_app(settings: Settings, pipeline: Pipeline | None = None) -> faust.App
                         continue
                     if verdict.reason:
                         log.error("%s[%s]: %s", msg.topic, msg.partition, verdict.reason)
-                    view.current_event = event
-                    for o in step(event, view):
-                        records.append((o.topic, o.key, o.value, list(o.headers) or None, None))
-                    processed.append(msg)
+                    admitted.append(event)
+                processed = [event.message for event in admitted]
+                view, outs, values = _decide_batch(pipeline, admitted, step, table)
+                records: list[Outgoing] = [(o.topic, o.key, o.value, list(o.headers) or None, None) for o in outs]
                 for k, (value, event) in view.touched.items():
                     with faust_shims.writing_as(event):  # the store keeps the key in the event's partition
                         table.data[k] = value
                     index.put(event.message.partition, k, value)
                     # one changelog write per key per batch, in the event's partition, as faust would write it
-                    records.append((changelog, k, faust_shims.changelog_value(value), None, event.message.partition))
+                    records.append((changelog, k, values[k], None, event.message.partition))
                 delivery = outputs.produce(records)
                 for tp, offset in seeks.items():
                     metrics.OFFSET_SEEKS.labels(tp.topic).inc()
@@ -384,6 +383,45 @@ async def _acked(stream: Any, table: Any, events: list[Any], processed: list[Any
         faust_shims.ack(stream, event)
 
 
+def _decide_batch(pipeline: Pipeline, events: list[Any], step: Any,
+                  table: Any) -> tuple[_BatchView, list[Out], dict[bytes, bytes]]:
+    """Run ``step`` on a batch's events: the batch's table view, its outputs, each written key's changelog value.
+
+    A table value has to fit one changelog record, as an input record has to fit the broker. When one would not,
+    the batch is decided again one record at a time, and each record whose writes would not fit is a dead letter
+    that changes nothing: a customer whose status outgrew the limit cannot stop its partition (its records go on
+    being dead-lettered, with their bytes, until an operator raises CONCORD_MAX_RECORD_BYTES with the broker's
+    limit). The counters of the batch's first try are not taken back.
+    """
+    view = _BatchView(table)
+    outs: list[Out] = []
+    for event in events:
+        view.current_event = event
+        outs += step(event, view)
+    values = {k: faust_shims.changelog_value(value) for k, (value, _) in view.touched.items()}
+    limit = pipeline.max_record_bytes
+    if all(len(v) <= limit for v in values.values()):
+        return view, outs, values
+    log.error("a table value of this batch is over the %d-byte record limit; deciding it one record at a time",
+              limit)
+    batch = _BatchView(table)
+    outs, values = [], {}
+    for event in events:
+        one = _BatchView(batch)
+        one.current_event = event
+        got = step(event, one)
+        written = {k: faust_shims.changelog_value(value) for k, (value, _) in one.touched.items()}
+        over = {k: len(v) for k, v in written.items() if len(v) > limit}
+        if over:
+            key, size = next(iter(over.items()))
+            outs += pipeline.unkept(_record(event), key, size)
+            continue
+        batch.touched.update(one.touched)
+        values.update(written)
+        outs += got
+    return batch, outs, values
+
+
 class _BatchView:
     """The table as one batch sees it: reads fall through to the table, writes wait for the batch's end."""
 
@@ -391,6 +429,10 @@ class _BatchView:
         self.table = table
         self.touched: dict[bytes, tuple[Any, Any]] = {}  # key -> (value, the event that last wrote it)
         self.current_event: Any = None
+
+    def owns(self, key: bytes) -> bool:
+        """Whether the value of ``key`` is this view's own (written here), so that changing it changes no table."""
+        return key in self.touched
 
     def get(self, key: bytes, default: Any = None) -> Any:
         if key in self.touched:
@@ -416,7 +458,8 @@ def default_pipeline(settings: Settings) -> Pipeline:
     return Pipeline(Codec(settings.schema_registry_url), topics.Deployment(settings.app_id),
                     lambda status, event, now: rules.decide(status, event, cfg, now),
                     routing.route, gap_wait_ms=int(settings.gap_wait_s * 1000), parks=routing.parks,
-                    act=lambda status, action, now: rules.act(status, action, cfg, now))
+                    act=lambda status, action, now: rules.act(status, action, cfg, now),
+                    max_record_bytes=settings.max_record_bytes)
 
 
 async def run_worker(settings: Settings, ready: asyncio.Event | None = None) -> None:

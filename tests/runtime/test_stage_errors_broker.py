@@ -1,7 +1,9 @@
 """The stages' error policy on a real broker with a running worker: bad records are dead-lettered, the next go on."""
 
 import io
+import json
 import random
+import urllib.request
 import uuid
 
 import pytest
@@ -127,3 +129,49 @@ def test_bad_records_are_dead_lettered_and_the_worker_goes_on(broker, tmp_path, 
     good_offset = max(g.record["original_offset"] for g in deals) + 1
     assert any(g.topic == topics.AUDIT.name and g.record["topic"] == DEALS and g.record["offset"] == good_offset
                and g.record["outcome"] == "applied" for g in got), "the record after the bad ones was decided"
+
+
+def test_a_customer_whose_status_outgrows_one_record_stops_nothing(broker, tmp_path, uid):
+    bs = broker.bootstrap_servers
+    app_id = f"concord-big-{uuid.uuid4().hex[:8]}"
+    accepted_topic = start_deployment_at_end(bs, app_id).accepted
+    big, other = f"big-{uid}", f"other-{uid}"
+    lines = [ev.line("SVC-INSTALL", i + 1, 1_000) for i in range(20)]
+    deals = [ev.change_event("deal", f"{big}-d{n}", 1, ev.deal("closed_lost", lines), big, at=NOW + n)
+             for n in range(60)]
+    won = ev.change_event("deal", f"{other}-d", 1, ev.deal("closed_won", LINES), other, at=NOW)
+    since = end_offsets(bs, [topics.deadletter_topic(accepted_topic), topics.AUDIT.name, "commands.billing"])
+    env = {"CONCORD_DATA_DIR": str(tmp_path), "CONCORD_MAX_RECORD_BYTES": "40000"}
+    port = free_port()
+    with worker_process(bs, port, app_id, tmp_path / "worker.log", env) as proc:
+        publish(bs, [("changes.crm.customer", cid.encode(),
+                      CODEC.encode("change_event", ev.change_event("customer", cid, 1, ev.customer(
+                          f"{cid} Co", account=f"acct_{cid}"), cid, at=NOW))) for cid in (big, other)])
+        publish(bs, [(DEALS, d["entity_id"].encode(), CODEC.encode("change_event", d)) for d in deals])
+        publish(bs, [(DEALS, won["entity_id"].encode(), CODEC.encode("change_event", won))])  # after them
+
+        def outcome(got):  # deal id -> what became of it in the decide stage
+            seen = {g.record["entity_id"]: g.record["outcome"] for g in got if g.topic == topics.AUDIT.name
+                    and g.record and g.record["topic"] == DEALS and g.record["customer_id"] == big}
+            for g in got:
+                if g.topic == topics.deadletter_topic(accepted_topic) and g.key == big.encode():
+                    seen[CODEC.decode(g.record["original_value"])[1]["entity_id"]] = "dead_lettered"
+            return seen
+
+        def done(got):
+            return len(outcome(got)) == len(deals) and any(
+                g.topic == "commands.billing" and g.record and g.record["entity_id"] == won["entity_id"]
+                for g in got)
+
+        got = read_until(bs, since, done, timeout=120)
+        assert proc.poll() is None, "a status too large to keep may not stop the worker"
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/customers/{big}", timeout=10) as resp:
+            status = json.loads(resp.read())
+    seen = outcome(got)
+    dead = [d["entity_id"] for d in deals if seen[d["entity_id"]] == "dead_lettered"]
+    assert dead and set(seen.values()) == {"applied", "dead_lettered"}, seen
+    assert set(status["deals"]) == {d for d, what in seen.items() if what == "applied"}  # the rest changed nothing
+    letters = [g for g in got if g.topic == topics.deadletter_topic(accepted_topic) and g.key == big.encode()]
+    assert all("over the 40000-byte limit" in g.record["error"] for g in letters)
+    assert {g.headers["concord-processor"] for g in letters} == {b"decide_changes"}
+    assert sorted(CODEC.decode(g.record["original_value"])[1]["entity_id"] for g in letters) == sorted(dead)
