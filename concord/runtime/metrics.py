@@ -81,6 +81,10 @@ CONFIRMATION_SECONDS = Histogram(
     ["type"], registry=REGISTRY, buckets=(0.1, 0.5, 1, 5, 15, 60, 300, 900, 1800, 3600, 4 * 3600, 24 * 3600))
 RECONCILE_CHECKS = Counter(
     "concord_reconcile_checks_total", "Customers the time-driven rules looked at.", registry=REGISTRY)
+STATUSES_TOO_LARGE = Counter(
+    "concord_statuses_too_large_total",
+    "Time-driven checks not applied because the customer's status would outgrow one changelog record.",
+    registry=REGISTRY)
 REVENUE_AT_RISK = Gauge(
     "concord_revenue_at_risk_cents", "Money held up by open exceptions, by owner, reason and currency.",
     ["owner", "reason", "currency"], registry=REGISTRY)

@@ -12,7 +12,8 @@ Beside the pipeline's decide stage (the same partitions, the same ``customer_to_
 
 from __future__ import annotations
 
-from collections.abc import MutableMapping
+import logging
+from collections.abc import Callable, MutableMapping
 from typing import Any
 
 from concord.contracts import topics
@@ -21,6 +22,8 @@ from concord.domain.flow_config import FlowConfig
 from concord.exceptions import DecodeError
 from concord.runtime import metrics
 from concord.runtime.pipeline import Out, Pipeline, Record
+
+log = logging.getLogger("concord.reconciler")
 
 BUCKET_MS = 60_000
 RING = 4096  # slots of BUCKET_MS: the index never has more keys than this per partition
@@ -72,9 +75,11 @@ class Reconciler:
     """Outcome records, ticks and the deadline index, around ``pipeline.decide``."""
 
     def __init__(self, pipeline: Pipeline, cfg: FlowConfig, budget: int = 500, delay_ms: int = 30_000,
-                 index: MutableMapping[bytes, Any] | None = None) -> None:
+                 index: MutableMapping[bytes, Any] | None = None, fits: Callable[[Any], bool] | None = None) -> None:
         self.pipeline = pipeline
         self.index = index  # None: the index lives in the status table itself (the worker, for its changelog)
+        # whether a status still fits the table (one changelog record, in the worker); see tick
+        self.fits: Callable[[Any], bool] = fits or (lambda status: True)
         self.cfg = cfg
         self.budget = budget
         self.delay_ms = delay_ms
@@ -196,6 +201,15 @@ class Reconciler:
                 continue
             outcome = timed_rules.check(status, self.cfg, now)
             checked += 1
+            if not self.fits(outcome.status):
+                # The check would make the status too large to keep: it is not applied, and the customer is not
+                # looked at again by the timer (its own records are dead letters until the limit is raised), or
+                # it would be the first due on every tick and make each one a dead letter.
+                log.error("%s: time-driven check not applied: the status would be over the record limit; "
+                          "the timer no longer checks this customer", ckey)
+                metrics.STATUSES_TOO_LARGE.inc()
+                self._schedule(rec.partition, key, dict(status), None, statuses)
+                continue
             event = {"event_id": f"check:{ckey}:{now}", "trace_id": f"check:{ckey}",
                      "source_system": None, "entity_type": "customer", "entity_id": ckey,
                      "customer_id": status.get("customer_id"), "occurred_at": now, "caused_by_command_id": None}
@@ -265,8 +279,10 @@ _SEEN_UNBILLED: set[str] = set()
 def reconciler_for(settings: Any, pipeline: Pipeline) -> Reconciler:
     """The reconciler a worker runs: the repository's flow configuration, the settings' budget and delay."""
     from concord.domain.flow_config import load_flow_config
+    from concord.runtime.faust_shims import changelog_value
 
-    return Reconciler(pipeline, load_flow_config(), settings.reconcile_budget, int(settings.reconcile_delay_s * 1000))
+    return Reconciler(pipeline, load_flow_config(), settings.reconcile_budget, int(settings.reconcile_delay_s * 1000),
+                      fits=lambda status: len(changelog_value(status)) <= pipeline.max_record_bytes)
 
 
 async def tick_partitions(app: Any, reconciler: Reconciler, outcomes: Any, exception_records: Any,

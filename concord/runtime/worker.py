@@ -25,7 +25,7 @@ from concord.runtime.indexes import TableIndex, open_exception, parked_in_cursor
 from concord.runtime.offsets import PROCESS, SEEK, OffsetLedger
 from concord.runtime.pipeline import Escalations, Out, Pipeline, Record
 from concord.runtime.producer import Outgoing, Outputs
-from concord.runtime.reconciler import reconciler_for, tick_partitions
+from concord.runtime.reconciler import is_index_key, reconciler_for, tick_partitions
 from concord.runtime.settings import Settings
 from concord.runtime.web import register_views
 
@@ -391,7 +391,8 @@ def _decide_batch(pipeline: Pipeline, events: list[Any], step: Any,
     the batch is decided again one record at a time, and each record whose writes would not fit is a dead letter
     that changes nothing: a customer whose status outgrew the limit cannot stop its partition (its records go on
     being dead-lettered, with their bytes, until an operator raises CONCORD_MAX_RECORD_BYTES with the broker's
-    limit). The counters of the batch's first try are not taken back.
+    limit). The counters of the batch's first try are not taken back. A deadline index entry over the limit is
+    no record's fault (it holds every customer due in its minute): that stops the stage, as before.
     """
     view = _BatchView(table)
     outs: list[Out] = []
@@ -400,8 +401,13 @@ def _decide_batch(pipeline: Pipeline, events: list[Any], step: Any,
         outs += step(event, view)
     values = {k: faust_shims.changelog_value(value) for k, (value, _) in view.touched.items()}
     limit = pipeline.max_record_bytes
-    if all(len(v) <= limit for v in values.values()):
+    over = [k for k, v in values.items() if len(v) > limit]
+    if not over:
         return view, outs, values
+    shared = [k for k in over if is_index_key(k)]
+    if shared:  # every customer due in that minute shares it: no record of them is at fault
+        raise RuntimeError(f"deadline index entry {shared[0]!r} is {len(values[shared[0]])} bytes, over the "
+                           f"{limit}-byte record limit: raise CONCORD_MAX_RECORD_BYTES with the broker's limits")
     log.error("a table value of this batch is over the %d-byte record limit; deciding it one record at a time",
               limit)
     batch = _BatchView(table)
@@ -411,9 +417,9 @@ def _decide_batch(pipeline: Pipeline, events: list[Any], step: Any,
         one.current_event = event
         got = step(event, one)
         written = {k: faust_shims.changelog_value(value) for k, (value, _) in one.touched.items()}
-        over = {k: len(v) for k, v in written.items() if len(v) > limit}
-        if over:
-            key, size = next(iter(over.items()))
+        too_large = {k: len(v) for k, v in written.items() if len(v) > limit and not is_index_key(k)}
+        if too_large:
+            key, size = next(iter(too_large.items()))
             outs += pipeline.unkept(_record(event), key, size)
             continue
         batch.touched.update(one.touched)

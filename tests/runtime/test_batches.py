@@ -3,6 +3,7 @@
 from types import SimpleNamespace
 
 import orjson
+import pytest
 
 from concord.contracts import events as ev
 from concord.contracts import topics
@@ -94,3 +95,12 @@ def test_a_batch_changes_no_index_entry_the_table_holds():
     decide(h, table, accepted(h, events[2:]))  # a later batch, never written back (given up, say)
 
     assert orjson.dumps({k.decode(): v for k, v in table.items()}, option=orjson.OPT_NON_STR_KEYS) == held
+
+
+def test_a_deadline_index_entry_over_the_limit_stops_the_stage_as_no_record_is_at_fault():
+    h = InProcess(now=NOW)
+    h.pipeline.max_record_bytes = 3_000  # above any one customer's status, below their minute's bucket
+    events = [ev.change_event("customer", f"c{n}", 1, ev.customer(f"C{n}", account=f"a{n}"), f"c{n}", at=NOW)
+              for n in range(150)]
+    with pytest.raises(RuntimeError, match=r"deadline index entry .* over the 3000-byte record limit"):
+        decide(h, {}, accepted(h, events))

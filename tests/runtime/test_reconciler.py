@@ -79,3 +79,26 @@ def test_the_timer_raises_customer_drift_on_the_owners_queue_and_an_invoice_unde
     h.reconcile()
     states = [e["state"] for e in h.exceptions() if e["reason_code"] == "customer_drift"]
     assert states == ["open", "resolved"]
+
+
+def too_large():
+    return REGISTRY.get_sample_value("concord_statuses_too_large_total") or 0
+
+
+def test_a_customer_whose_check_would_outgrow_its_record_is_left_alone_and_the_others_are_still_checked():
+    h = InProcess(now=T, budget=10)
+    for i in range(3):
+        cid = f"c{i}"
+        h.feed_event(ev.change_event("customer", cid, 1, ev.customer(cid, account=f"a{i}", policy="on_close"), cid,
+                                     at=T))
+        h.feed_event(ev.change_event("deal", f"d{i}", 1, ev.deal("closed_won", LINES, closed_at=T), cid, at=T))
+    h.loop.fits = lambda status: status.get("customer_id") != "c0"  # c0's status is at the record limit
+    h.clock["now"] = T + 3_600_000  # the create_invoice deadlines pass
+    before = too_large()
+    h.reconcile()
+    assert unconfirmed(h) == {"c1", "c2"}, "c0's check was not applied; it held no one else back"
+    assert too_large() == before + 1
+    assert h.statuses[b"c0"]["next_check"] is None
+    h.clock["now"] += 3_600_000
+    h.reconcile()
+    assert too_large() == before + 1, "the timer does not come back to c0 on every tick"
