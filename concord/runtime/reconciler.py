@@ -4,8 +4,9 @@ Beside the pipeline's decide stage (the same partitions, the same ``customer_to_
 - ``outcomes.commands`` records (keyed by customer) are recorded in the customer's command lifecycle;
 - after every event a customer is scheduled for a check ``delay`` later, and after each check for its next
   deadline (concord/domain/timed_rules.py ``next_due``); the schedule is a deadline index kept in the table
-  itself (a ring of minute slots and a directory of each slot's earliest entry), so recovery restores it
-  and a tick reads only the slots that hold something due;
+  itself (per partition, ``SHARDS`` rings of minute slots by a hash of the customer key, and a directory of
+  each ring's slots with their earliest entry), so recovery restores it and a tick reads only the slots that
+  hold something due;
 - a tick (a ``control`` record with action ``reconcile`` on ``outcomes.commands``, one per partition) checks
   at most ``budget`` due customers, earliest first; the rest stay due and the next tick resumes with them.
 """
@@ -13,6 +14,7 @@ Beside the pipeline's decide stage (the same partitions, the same ``customer_to_
 from __future__ import annotations
 
 import logging
+import zlib
 from collections.abc import Callable, MutableMapping
 from typing import Any
 
@@ -26,7 +28,11 @@ from concord.runtime.pipeline import Out, Pipeline, Record
 log = logging.getLogger("concord.reconciler")
 
 BUCKET_MS = 60_000
-RING = 4096  # slots of BUCKET_MS: the index never has more keys than this per partition
+RING = 4096  # slots of BUCKET_MS: a ring never has more buckets than this
+# A bucket holds the customers of its shard due in its minute, and one table value is one changelog record: in
+# one unsharded ring, about 30,000 customers changed within a minute on one partition (some 30 bytes an entry,
+# 900 KB a record; 120,000 on four partitions, a bulk load at a worker's full rate) made a bucket too large.
+SHARDS = 16
 TICK = "reconcile"
 
 
@@ -35,14 +41,28 @@ def slot_of(at: int) -> int:
     return (at // BUCKET_MS) % RING
 
 
-def directory_key(partition: int) -> bytes:
-    """The table key listing a partition's non-empty deadline buckets."""
-    return f"\x00deadlines:{partition}".encode()
+def shard_of(ckey: str) -> int:
+    """The ring a customer's deadlines are kept in (the same in every process)."""
+    return zlib.crc32(ckey.encode()) % SHARDS
 
 
-def bucket_key(partition: int, bucket: int) -> bytes:
-    """The table key of one deadline bucket: customer key -> when it is due."""
-    return f"\x00deadlines:{partition}:{bucket}".encode()
+def directory_key(partition: int, shard: int | None) -> bytes:
+    """The table key listing one ring's non-empty buckets with their earliest deadline.
+
+    ``None``: the one ring of an index written before it was sharded; its entries are read and taken out
+    as before, and it empties as its customers are checked or move.
+    """
+    return (f"\x00deadlines:{partition}" + ("" if shard is None else f":d{shard}")).encode()
+
+
+def bucket_key(partition: int, bucket: int, shard: int | None) -> bytes:
+    """The table key of one deadline bucket: customer key -> when it is due (``shard`` None: the unsharded ring)."""
+    return (f"\x00deadlines:{partition}:{bucket}" + ("" if shard is None else f":{shard}")).encode()
+
+
+def overdue_key(partition: int, shard: int | None) -> bytes:
+    """The table key of one shard's overdue cents by customer, for the finance gauge (None: unsharded)."""
+    return (f"\x00deadlines:{partition}:overdue" + ("" if shard is None else f":{shard}")).encode()
 
 
 def is_index_key(key: bytes) -> bool:
@@ -62,6 +82,21 @@ def _writable(idx: MutableMapping[bytes, Any], key: bytes) -> dict[str, Any]:
     if value is not None and owns is not None and owns(key):
         return value
     return dict(value or {})
+
+
+def _take_out(idx: MutableMapping[bytes, Any], partition: int, slot: int, shard: int | None, ckey: str,
+              directory: dict[str, Any]) -> bool:
+    """Take ``ckey`` out of its bucket (and the bucket out of ``directory`` once empty); False if it was not there."""
+    key = bucket_key(partition, slot, shard)
+    held = idx.get(key)
+    if not held or ckey not in held:
+        return False
+    bucket = _writable(idx, key)
+    del bucket[ckey]
+    idx[key] = bucket
+    if not bucket:
+        directory.pop(str(slot), None)
+    return True
 
 
 class OwnedIndex(dict):
@@ -155,22 +190,24 @@ class Reconciler:
             return
         ckey = key.decode()
         idx = statuses if self.index is None else self.index
-        directory = _writable(idx, directory_key(partition))
+        shard = shard_of(ckey)
+        directory = _writable(idx, directory_key(partition, shard))
         if old is not None:
             slot = slot_of(old)
-            bucket = _writable(idx, bucket_key(partition, slot))
-            bucket.pop(ckey, None)
-            idx[bucket_key(partition, slot)] = bucket
-            if not bucket:
-                directory.pop(str(slot), None)
+            if not _take_out(idx, partition, slot, shard, ckey, directory):
+                legacy = directory_key(partition, None)
+                if str(slot) in (idx.get(legacy) or {}):  # scheduled before the index was sharded
+                    unsharded = _writable(idx, legacy)
+                    _take_out(idx, partition, slot, None, ckey, unsharded)
+                    idx[legacy] = unsharded
         if at is not None:
             slot = slot_of(at)
-            bucket = _writable(idx, bucket_key(partition, slot))
+            bucket = _writable(idx, bucket_key(partition, slot, shard))
             bucket[ckey] = at
-            idx[bucket_key(partition, slot)] = bucket
+            idx[bucket_key(partition, slot, shard)] = bucket
             # the slot's earliest entry: it may only be too early (removals do not raise it), never too late
             directory[str(slot)] = min(at, directory.get(str(slot), at))
-        idx[directory_key(partition)] = directory
+        idx[directory_key(partition, shard)] = directory
         status["next_check"] = at
         if store:
             statuses[key] = status
@@ -178,12 +215,15 @@ class Reconciler:
     def due(self, partition: int, statuses: MutableMapping[bytes, Any], now: int) -> list[tuple[int, str]]:
         """Up to ``budget`` customers of ``partition`` due at ``now``, earliest first."""
         idx = statuses if self.index is None else self.index
-        directory = idx.get(directory_key(partition)) or {}
+        slots = sorted((earliest, int(slot), -1 if shard is None else shard)
+                       for shard in (None, *range(SHARDS))
+                       for slot, earliest in (idx.get(directory_key(partition, shard)) or {}).items()
+                       if earliest <= now)
         out: list[tuple[int, str]] = []
-        for earliest, slot in sorted((at, int(s)) for s, at in directory.items()):
-            if earliest > now or len(out) >= self.budget:
+        for _, slot, shard in slots:
+            if len(out) >= self.budget:
                 break
-            bucket = idx.get(bucket_key(partition, slot)) or {}
+            bucket = idx.get(bucket_key(partition, slot, None if shard < 0 else shard)) or {}
             out += sorted((at, ck) for ck, at in bucket.items() if at <= now)
         return sorted(out)[: self.budget]
 
@@ -231,12 +271,17 @@ class Reconciler:
                  statuses: MutableMapping[bytes, Any]) -> None:
         """Keep the partition's overdue cents per customer beside the index, for the finance gauge."""
         idx = statuses if self.index is None else self.index
-        key = f"\x00deadlines:{partition}:overdue".encode()
-        current = idx.get(key) or {}
+        key = overdue_key(partition, shard_of(ckey))
         cents = sum((status.get("overdue") or {}).values())
-        if current.get(ckey, 0) == cents:
+        legacy = overdue_key(partition, None)
+        if ckey in (idx.get(legacy) or {}):  # kept before the index was sharded: it moves to its shard
+            unsharded = _writable(idx, legacy)
+            del unsharded[ckey]
+            idx[legacy] = unsharded
+        elif (idx.get(key) or {}).get(ckey, 0) == cents:
             return
-        updated = {k: v for k, v in current.items() if k != ckey}
+        updated = _writable(idx, key)
+        updated.pop(ckey, None)
         if cents:
             updated[ckey] = cents
         idx[key] = updated
@@ -244,7 +289,8 @@ class Reconciler:
     def overdue_cents(self, partitions: list[int], statuses: Any) -> int:
         """Cents past due, unpaid, over the customers of ``partitions``."""
         idx = statuses if self.index is None else self.index
-        return sum(sum((idx.get(f"\x00deadlines:{p}:overdue".encode()) or {}).values()) for p in partitions)
+        return sum(sum((idx.get(overdue_key(p, shard)) or {}).values())
+                   for p in partitions for shard in (None, *range(SHARDS)))
 
 
 def measure_money(records: Any) -> None:

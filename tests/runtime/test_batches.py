@@ -9,7 +9,7 @@ from concord.contracts import events as ev
 from concord.contracts import topics
 from concord.runtime.harness import InProcess
 from concord.runtime.pipeline import Record
-from concord.runtime.reconciler import Reconciler, is_index_key
+from concord.runtime.reconciler import SHARDS, Reconciler, is_index_key
 from concord.runtime.worker import _decide_batch, _record
 
 NOW = 1_767_225_600_000
@@ -97,10 +97,22 @@ def test_a_batch_changes_no_index_entry_the_table_holds():
     assert orjson.dumps({k.decode(): v for k, v in table.items()}, option=orjson.OPT_NON_STR_KEYS) == held
 
 
+def customers(n):
+    return [ev.change_event("customer", f"c{i}", 1, ev.customer(f"C{i}", account=f"a{i}"), f"c{i}", at=NOW)
+            for i in range(n)]
+
+
+def test_the_customers_due_in_one_minute_are_spread_over_the_shards_of_the_index():
+    h = InProcess(now=NOW)
+    h.pipeline.max_record_bytes = 10_000  # 1,000 customers due in one minute are 25 KB of index in one bucket
+    view, outs, values = decide(h, {}, accepted(h, customers(1_000)))
+    assert not [o for o in outs if o.dead_letter is not None]
+    buckets = [orjson.loads(v) for k, v in values.items() if is_index_key(k) and b":d" not in k]
+    assert sum(len(b) for b in buckets) == 1_000 and len(buckets) == SHARDS
+
+
 def test_a_deadline_index_entry_over_the_limit_stops_the_stage_as_no_record_is_at_fault():
     h = InProcess(now=NOW)
-    h.pipeline.max_record_bytes = 3_000  # above any one customer's status, below their minute's bucket
-    events = [ev.change_event("customer", f"c{n}", 1, ev.customer(f"C{n}", account=f"a{n}"), f"c{n}", at=NOW)
-              for n in range(150)]
+    h.pipeline.max_record_bytes = 3_000  # above any one customer's status, below their shard's minute
     with pytest.raises(RuntimeError, match=r"deadline index entry .* over the 3000-byte record limit"):
-        decide(h, {}, accepted(h, events))
+        decide(h, {}, accepted(h, customers(4_000)))

@@ -3,7 +3,7 @@
 from concord.contracts import events as ev
 from concord.runtime.harness import InProcess
 from concord.runtime.metrics import REGISTRY
-from concord.runtime.reconciler import directory_key
+from concord.runtime.reconciler import SHARDS, bucket_key, directory_key, shard_of, slot_of
 
 T = 1_767_225_600_000
 LINES = [ev.line("SVC-INSTALL", 1, 25_000)]
@@ -49,7 +49,8 @@ def test_the_index_holds_only_customers_with_a_pending_deadline():
     h.reconcile()
     # a customer with nothing that could fall due leaves the index once looked at
     assert all(not v for k, v in h.deadlines.items() if k.startswith(b"\x00deadlines:0:"))
-    assert h.deadlines[directory_key(0)] == {}
+    assert all(h.deadlines.get(directory_key(0, shard)) in (None, {}) for shard in (None, *range(SHARDS)))
+    assert any(directory_key(0, shard) in h.deadlines for shard in range(SHARDS)), "it was in the index"
     assert set(h.statuses) == {b"c1"}, "the harness keeps the index apart from the statuses"
 
 
@@ -102,3 +103,22 @@ def test_a_customer_whose_check_would_outgrow_its_record_is_left_alone_and_the_o
     h.clock["now"] += 3_600_000
     h.reconcile()
     assert too_large() == before + 1, "the timer does not come back to c0 on every tick"
+
+
+def test_an_index_written_before_it_was_sharded_is_still_read_and_empties_as_its_customers_move():
+    h = InProcess(now=T)
+    h.feed_event(ev.change_event("customer", "c1", 1, ev.customer("c1", account="a1", policy="on_close"), "c1", at=T))
+    h.feed_event(ev.change_event("deal", "d1", 1, ev.deal("closed_won", LINES, closed_at=T), "c1", at=T))
+    at = h.statuses[b"c1"]["next_check"]
+    slot, shard = slot_of(at), shard_of("c1")
+    assert h.deadlines.pop(bucket_key(0, slot, shard)) == {"c1": at}
+    del h.deadlines[directory_key(0, shard)]
+    h.deadlines[bucket_key(0, slot, None)] = {"c1": at}  # where a worker before the shards kept it
+    h.deadlines[directory_key(0, None)] = {str(slot): at}
+    before = checks()
+    h.reconcile()
+    assert checks() == before + 1, "the unsharded entry was due and read"
+    assert h.deadlines[bucket_key(0, slot, None)] == {} and h.deadlines[directory_key(0, None)] == {}
+    assert h.statuses[b"c1"]["next_check"] > at
+    nxt = h.statuses[b"c1"]["next_check"]
+    assert h.deadlines[bucket_key(0, slot_of(nxt), shard)] == {"c1": nxt}  # it moved to its shard
