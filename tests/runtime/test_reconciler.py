@@ -17,13 +17,18 @@ def unconfirmed(h):
     return {e["customer_id"] for e in h.exceptions() if e["reason_code"] == "command_unconfirmed"}
 
 
-def test_each_tick_checks_at_most_the_budget_earliest_first_and_the_next_tick_resumes():
-    h = InProcess(now=T, budget=3)
-    for i in range(8):
+def won_deals(h, n):
+    """Customers c0..c<n-1>, each billed on close, with one closed-won deal d<i>."""
+    for i in range(n):
         cid = f"c{i}"
         h.feed_event(ev.change_event("customer", cid, 1, ev.customer(cid, account=f"a{i}", policy="on_close"), cid,
                                      at=T))
         h.feed_event(ev.change_event("deal", f"d{i}", 1, ev.deal("closed_won", LINES, closed_at=T), cid, at=T))
+
+
+def test_each_tick_checks_at_most_the_budget_earliest_first_and_the_next_tick_resumes():
+    h = InProcess(now=T, budget=3)
+    won_deals(h, 8)
     h.reconcile()  # everyone changed just now: each is looked at once, three per tick
     seen = [checks()]
     for _ in range(3):
@@ -88,11 +93,7 @@ def too_large():
 
 def test_a_customer_whose_check_would_outgrow_its_record_is_left_alone_and_the_others_are_still_checked():
     h = InProcess(now=T, budget=10)
-    for i in range(3):
-        cid = f"c{i}"
-        h.feed_event(ev.change_event("customer", cid, 1, ev.customer(cid, account=f"a{i}", policy="on_close"), cid,
-                                     at=T))
-        h.feed_event(ev.change_event("deal", f"d{i}", 1, ev.deal("closed_won", LINES, closed_at=T), cid, at=T))
+    won_deals(h, 3)
     h.loop.fits = lambda status: status.get("customer_id") != "c0"  # c0's status is at the record limit
     h.clock["now"] = T + 3_600_000  # the create_invoice deadlines pass
     before = too_large()
